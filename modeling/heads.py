@@ -1,0 +1,69 @@
+"""Task heads on top of the shared encoder: per-residue conv, pooled classifier/regressor."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+PER_RESIDUE = "per_residue"
+SEQUENCE_CLASS = "sequence_class"
+REGRESSION = "regression"
+KINDS = (PER_RESIDUE, SEQUENCE_CLASS, REGRESSION)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    kind: str
+    num_outputs: int
+    embed_dim: int
+    hidden: int = 32
+    dropout: float = 0.25
+    kernel: int = 7  # per-residue conv width (the NetSurfP/BioNeMo ConvNet head)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"head kind {self.kind!r}: expected one of {KINDS}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def residues(representations: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, E) token representations -> residue part (B, L, E) with padding zeroed, and its mask.
+
+    Zeroing padding makes every head's output for a sequence independent of what it is batched with.
+    """
+    width = int(lengths.max())
+    reps = representations[:, 1:width + 1]
+    mask = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+    return reps * mask.unsqueeze(-1).to(reps.dtype), mask
+
+
+class ConvHead(nn.Module):
+    def __init__(self, spec: HeadSpec):
+        super().__init__()
+        pad = spec.kernel // 2
+        self.net = nn.Sequential(
+            nn.Conv1d(spec.embed_dim, spec.hidden, spec.kernel, padding=pad), nn.ReLU(),
+            nn.Dropout(spec.dropout), nn.Conv1d(spec.hidden, spec.num_outputs, spec.kernel, padding=pad))
+
+    def forward(self, reps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(reps.transpose(1, 2)).transpose(1, 2)  # (B, L, C)
+
+
+class PooledHead(nn.Module):
+    def __init__(self, spec: HeadSpec):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(spec.embed_dim, spec.hidden), nn.ReLU(), nn.Dropout(spec.dropout),
+            nn.Linear(spec.hidden, spec.num_outputs))
+
+    def forward(self, reps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.unsqueeze(-1).to(reps.dtype)
+        pooled = (reps * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.net(pooled)  # (B, C)
+
+
+def build_head(spec: HeadSpec) -> nn.Module:
+    return ConvHead(spec) if spec.kind == PER_RESIDUE else PooledHead(spec)

@@ -1,0 +1,262 @@
+"""Train a task adapter and publish it:  python -m training.fit --task sec_str --rank 16
+
+Flags are shortcuts for config keys; `key=value` arguments override any key (BioNeMo names too),
+e.g.  python -m training.fit --config my.yaml model.peft.lora_tuning.adapter_dim=8 trainer.max_steps=200
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger
+
+from modeling import bundle as bundles
+from modeling.base import load_base
+from modeling.heads import HeadSpec, REGRESSION
+from modeling.lora import LoraSpec, add_lora, export_adapter, export_positions, load_adapter_weights
+from modeling.model import TaskModel
+from training.config import ConfigError, load_config, mode_of, mode_overrides
+from training.data import DataError, load_splits
+from training.datamodule import FlipDataModule
+from training.module import AdapterModule
+from training.plots import plot_curves
+from training.predict import predict, score
+from training.tasks import get_task
+
+log = logging.getLogger("training.fit")
+
+# flag -> config key (values are parsed like overrides)
+FLAGS = {
+    "task": "task", "name": "name", "registry": "registry", "run_dir": "run_dir", "seed": "seed",
+    "base": "model.restore_encoder_path", "rank": "model.peft.lora_tuning.adapter_dim",
+    "alpha": "model.peft.lora_tuning.alpha", "dropout": "model.peft.lora_tuning.adapter_dropout",
+    "init_a": "model.peft.lora_tuning.column_init_method",
+    "init_b": "model.peft.lora_tuning.row_init_method",
+    "layers": "model.peft.lora_tuning.layer_selection",
+    "target_modules": "model.peft.lora_tuning.target_modules",
+    "tie": "model.peft.lora_tuning.weight_tying",
+    "position_embedding": "model.peft.lora_tuning.position_embedding_strategy",
+    "restore_from": "model.peft.restore_from_path", "data_dir": "model.data.dataset_path",
+    "train": "model.data.train", "val": "model.data.val", "test": "model.data.test",
+    "batch_size": "model.micro_batch_size", "max_length": "model.max_length", "lr": "model.optim.lr",
+    "max_steps": "trainer.max_steps", "max_epochs": "trainer.max_epochs",
+    "precision": "trainer.precision", "devices": "trainer.devices", "num_nodes": "trainer.num_nodes",
+    "strategy": "trainer.strategy", "accumulate_grad_batches": "trainer.accumulate_grad_batches",
+    "val_check_interval": "trainer.val_check_interval",
+}
+LIST_FLAGS = {"layers", "target_modules"}
+
+
+def parse_args(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="yaml file (BioNeMo-style keys accepted)")
+    parser.add_argument("--mode", choices=("lora", "frozen", "full"),
+                        help="lora (default): adapters + head; frozen: head only; full: everything")
+    parser.add_argument("--adapter-dim", dest="rank", help="alias of --rank (BioNeMo's name)")
+    for flag in FLAGS:
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None if flag != "rank" else argparse.SUPPRESS,
+                            help=f"sets {FLAGS[flag]}" + (" (comma-separated)" if flag in LIST_FLAGS else ""))
+    parser.add_argument("--no-publish", action="store_true", help="train and evaluate only")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    overrides = mode_overrides(args.mode) if args.mode else []
+    for flag, key in FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if flag in LIST_FLAGS:
+            value = "[" + value + "]"
+        if flag == "tie" and value == "":
+            value = "true"
+        overrides.append(f"{key}={value}")
+    if args.no_publish:
+        overrides.append("publish=false")
+    return load_config(args.config, overrides + args.overrides)
+
+
+def default_name(config: dict) -> str:
+    mode = mode_of(config)
+    suffix = f"r{config['model']['peft']['lora_tuning']['adapter_dim']}" if mode == "lora" else mode
+    return f"{config['task']}-{suffix}"
+
+
+def lora_spec(config: dict) -> LoraSpec:
+    t = config["model"]["peft"]["lora_tuning"]
+    return LoraSpec(rank=t["adapter_dim"], alpha=t["alpha"], dropout=t["adapter_dropout"],
+                    init_a=t["column_init_method"], init_b=t["row_init_method"],
+                    layers=t["layer_selection"], targets=t["target_modules"], tie=t["weight_tying"],
+                    position_embedding=t["position_embedding_strategy"])
+
+
+def build_model(config: dict, base, task, registry: Path) -> tuple[TaskModel, LoraSpec | None]:
+    """The trainable model for the configured mode, optionally restored from an adapter bundle."""
+    mode = mode_of(config)
+    encoder = base.encoder
+    spec = None
+    if mode == "lora":
+        spec = lora_spec(config)
+        add_lora(encoder, spec, encoder.shape.num_layers)
+    elif mode == "full":
+        for p in encoder.parameters():
+            p.requires_grad_(True)
+    h = config["model"]["head"]
+    head = HeadSpec(task.kind, len(task.labels) or 1, encoder.embed_dim, h["hidden"], h["dropout"], h["kernel"])
+    model = TaskModel(encoder, head).train()  # the loaded base comes in eval mode
+    restore = config["model"]["peft"]["restore_from_path"]
+    if restore:
+        restored = resolve_bundle(restore, registry)
+        if restored.manifest["base"]["fingerprint"] != base.fingerprint:
+            raise ConfigError(f"restore_from_path {restore}: trained on another base")
+        if mode == "lora":
+            load_adapter_weights(encoder, restored.adapter, restored.positions)
+        if restored.manifest["head"] == head.as_dict():
+            model.head.load_state_dict(restored.head)
+    return model, spec
+
+
+def resolve_bundle(ref: str, registry: Path) -> bundles.Bundle:
+    """A bundle folder path, or a registry NAME / NAME@VERSION."""
+    path = Path(ref)
+    if (path / bundles.MANIFEST).is_file():
+        return bundles.read_bundle(path)
+    name, version = bundles.parse_ref(ref)
+    available = bundles.versions(registry, name)
+    if not available or (version is not None and version not in available):
+        raise bundles.BundleError(f"adapter {ref!r} not found in registry {registry}")
+    return bundles.read_bundle(registry / name / str(version or available[-1]))
+
+
+def make_trainer(config: dict, run_dir: Path, task, train_records: list) -> tuple[pl.Trainer, ModelCheckpoint]:
+    monitor = f"val/{task.metric}"
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=monitor,
+                                 mode=task.metric_mode, save_top_k=1, save_weights_only=True,
+                                 filename="best")
+    callbacks = [checkpoint, TQDMProgressBar(refresh_rate=5)]
+    if config["early_stopping"]["enabled"]:
+        callbacks.append(EarlyStopping(monitor=monitor, mode=task.metric_mode,
+                                       patience=config["early_stopping"]["patience"],
+                                       check_on_train_epoch_end=False))
+    loggers = [CSVLogger(run_dir, name="", version="")]
+    try:
+        from pytorch_lightning.loggers import TensorBoardLogger
+        import tensorboard  # noqa: F401  (optional)
+        loggers.append(TensorBoardLogger(run_dir, name="tb", version=""))
+    except ImportError:
+        pass
+    t = config["trainer"]
+    val_every = t["val_check_interval"]
+    batches = -(-len(train_records) // config["model"]["micro_batch_size"])
+    if t["max_steps"] > 0 and val_every == 1.0 and t["max_steps"] * t["accumulate_grad_batches"] < batches:
+        val_every = t["max_steps"] * t["accumulate_grad_batches"]  # a short run still validates
+    trainer = pl.Trainer(
+        accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"],
+        strategy=t["strategy"], precision=t["precision"], max_steps=t["max_steps"],
+        max_epochs=t["max_epochs"], accumulate_grad_batches=t["accumulate_grad_batches"],
+        val_check_interval=val_every, limit_train_batches=t["limit_train_batches"],
+        limit_val_batches=t["limit_val_batches"], gradient_clip_val=t["gradient_clip_val"],
+        log_every_n_steps=t["log_every_n_steps"], num_sanity_val_steps=t["num_sanity_val_steps"],
+        callbacks=callbacks, logger=loggers, default_root_dir=run_dir,
+        use_distributed_sampler=False, enable_model_summary=False)
+    return trainer, checkpoint
+
+
+def write_bundle(staged: Path, config: dict, base, task, model: TaskModel, spec: LoraSpec | None,
+                 scale, results: dict, seconds: float) -> dict:
+    mode = mode_of(config)
+    tensors = {bundles.HEAD_WEIGHTS: model.head.state_dict()}
+    json_files = {}
+    if mode == "lora":
+        adapter_config, adapter = export_adapter(model.encoder, spec, base.encoder.shape.num_layers)
+        adapter_config["base_model_name_or_path"] = base.name
+        json_files[bundles.ADAPTER_CONFIG] = adapter_config
+        tensors[bundles.ADAPTER_WEIGHTS] = adapter
+        if positions := export_positions(model.encoder):
+            tensors[bundles.POSITIONS] = positions
+    elif mode == "full":
+        tensors[bundles.ENCODER_WEIGHTS] = model.encoder.state_dict()
+    output = {"kind": task.kind, "labels": list(task.labels)}
+    if task.kind == REGRESSION:
+        output.update(target_mean=scale.mean, target_std=scale.std)
+    manifest = {
+        "task": task.name, "mode": mode, "output": output, "head": model.head_spec.as_dict(),
+        "lora": spec.as_dict() | {"scale": spec.scale} if spec else None,
+        "base": base.describe(), "metrics": results,
+        "training": {"seconds": round(seconds, 1), "config": config},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return bundles.write_bundle(staged, manifest, tensors, json_files)
+
+
+def run(config: dict) -> dict:
+    task = get_task(config["task"])
+    pl.seed_everything(config["seed"], workers=True, verbose=False)
+    registry = Path(config["registry"])
+    name = bundles.validate_name(config["name"] or default_name(config))
+    d = config["model"]["data"]
+    splits = load_splits(task, d["dataset_path"], d["train"], d["val"], d["test"], config["seed"],
+                         d["val_fraction"])
+    base = load_base(config["model"]["restore_encoder_path"])
+    log.info("base %s (%s), fingerprint %s", base.name, base.source, base.fingerprint[:12])
+    model, spec = build_model(config, base, task, registry)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("mode %s: %d trainable parameters; %d train / %d val / %d test sequences",
+             mode_of(config), trainable, *(len(splits[s]) for s in ("train", "val", "test")))
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config["run_dir"]) / f"{name}-{stamp}"
+    data = FlipDataModule(splits, task, config["model"]["micro_batch_size"],
+                          config["model"]["max_length"], config["seed"], d["bucket_batches"],
+                          d["num_workers"])
+    module = AdapterModule(model, task, config["model"]["optim"], data.splits["val"], data.scale)
+    start = time.time()
+    if config["do_training"]:
+        trainer, checkpoint = make_trainer(config, run_dir, task, data.splits["train"])
+        trainer.fit(module, datamodule=data)
+        if not trainer.is_global_zero:
+            return {}
+        if checkpoint.best_model_path:
+            best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+            module.on_load_checkpoint(best)
+            module.load_state_dict(best["state_dict"])
+        plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", task.metric)
+    seconds = time.time() - start
+    model.cpu().eval()
+    results = {"val": score(task, data.splits["val"], predict(model, data.splits["val"]), data.scale)}
+    if config["do_testing"] and splits["test"]:
+        results["test"] = score(task, splits["test"], predict(model, splits["test"]), data.scale)
+    summary = {"task": task.name, "mode": mode_of(config), "run_dir": str(run_dir),
+               "train_seconds": round(seconds, 1), "trainable_parameters": trainable,
+               **{f"{split}_{task.metric}": r[task.metric] for split, r in results.items()}}
+    if config["publish"]:
+        staged = bundles.staging_dir(registry)
+        try:
+            write_bundle(staged, config, base, task, model, spec, data.scale, results, seconds)
+            summary["published"] = str(bundles.publish(staged, registry, name))
+        finally:
+            bundles.discard(staged)  # no-op after a successful rename
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+        summary = run(config)
+    except (ConfigError, DataError, bundles.BundleError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
