@@ -100,8 +100,12 @@ def hf_to_internal(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename Hugging Face EsmModel keys (with or without the `esm.` prefix) to ours."""
     out = {}
     layer_key = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
+    legacy = {".gamma": ".weight", ".beta": ".bias"}  # old LayerNorm names some savers still write
     for key, value in state.items():
         key = key.removeprefix("esm.")
+        for old, new in legacy.items():
+            if key.endswith(old):
+                key = key[:-len(old)] + new
         if key == "embeddings.word_embeddings.weight":
             out["embed_tokens.weight"] = value
         elif key.startswith("encoder.emb_layer_norm_after."):
@@ -117,6 +121,8 @@ def load_hf_folder(folder: Path) -> EsmEncoder:
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") != "esm" or config.get("position_embedding_type") != "rotary":
         raise ValueError(f"{folder}: config.json is not an ESM-2 model (model_type esm, rotary)")
+    if abs(config.get("layer_norm_eps", 1e-5) - 1e-5) > 1e-9:
+        raise ValueError(f"{folder}: layer_norm_eps={config['layer_norm_eps']}; ESM-2 uses 1e-5")
     if config.get("emb_layer_norm_before"):
         raise ValueError(f"{folder}: emb_layer_norm_before=true is ESM-1b, not ESM-2")
     if (folder / "model.safetensors").exists():

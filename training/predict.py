@@ -38,8 +38,12 @@ def score(task: Task, records: list[Record], outputs: list[np.ndarray], scale: T
             keep = np.array([m == "1" for m in r.mask]) if r.mask else np.ones(len(r.sequence), bool)
             preds.append(out.argmax(-1)[keep])
             trues.append(np.array([index[c] for c in r.label])[keep])
-        result = metrics.classification(np.concatenate(preds), np.concatenate(trues), task.labels)
+        pred, true = np.concatenate(preds), np.concatenate(trues)
+        result = metrics.classification(pred, true, task.labels)
         result[task.metric] = result["accuracy"]  # q3 or q8
+        for name, mapping in task.coarse.items():  # e.g. q3 from an 8-state prediction
+            to_coarse = np.array([mapping[label] for label in task.labels])
+            result[name] = float(np.mean(to_coarse[pred] == to_coarse[true]))
         result["residues"] = int(sum(len(p) for p in preds))
     elif task.kind == REGRESSION:
         pred = np.array([float(o.reshape(-1)[0]) for o in outputs]) * scale.std + scale.mean

@@ -8,6 +8,7 @@ from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
 
 DATASETS = Path(__file__).resolve().parent.parent / "datasets"
 COIL = {"_": "C", "~": "C", "-": "C", " ": "C"}
+EIGHT_TO_THREE = {"H": "H", "G": "H", "I": "H", "E": "E", "B": "E", "T": "C", "S": "C", "C": "C"}
 SCL_CLASSES = ("Cell membrane", "Cytoplasm", "Endoplasmic reticulum", "Extracellular",
                "Golgi apparatus", "Lysosome/Vacuole", "Mitochondrion", "Nucleus", "Peroxisome",
                "Plastid")
@@ -22,6 +23,7 @@ class Task:
     metric: str  # what early stopping and checkpointing watch (q3, q8, accuracy, spearman)
     default_data: Path | None  # vendored default; None = the user must give --data-dir/--train
     label_aliases: dict[str, str] = field(default_factory=dict)  # raw label -> canonical
+    coarse: dict[str, dict[str, str]] = field(default_factory=dict)  # extra metric -> label map
     description: str = ""
 
     @property
@@ -35,7 +37,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          label_aliases={"G": "H", "I": "H", "B": "E", "T": "C", "S": "C", **COIL},
          description="3-state secondary structure per residue (FLIP sampled split, NEW364 test)"),
     Task("sec_str8", PER_RESIDUE, ("H", "G", "I", "E", "B", "T", "S", "C"), ("8state",), "q8",
-         DATASETS / "sec_str8", label_aliases=dict(COIL),
+         DATASETS / "sec_str8", label_aliases=dict(COIL), coarse={"q3": EIGHT_TO_THREE},
          description="8-state secondary structure per residue (BioNeMo v1 FLIP sample)"),
     Task("scl", SEQUENCE_CLASS, SCL_CLASSES, ("target",), "accuracy",
          DATASETS / "scl" / "deeploc1_flip.csv",

