@@ -104,6 +104,8 @@ def fasta_entries(text: str) -> list[tuple[str, str]]:
 
 def read_csv(path: Path, task: Task) -> list[Record]:
     text = path.read_text()
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
     reader = csv.DictReader(io.StringIO(text))  # csv keeps mask strings such as 0011 intact
     columns = reader.fieldnames or []
     if "sequence" not in columns:
@@ -123,6 +125,8 @@ def read_csv(path: Path, task: Task) -> list[Record]:
 
 def read_fasta(path: Path, task: Task) -> list[Record]:
     records = []
+    if not path.read_text().strip():
+        raise DataError(f"{path}: empty file")
     for header, body in fasta_entries(path.read_text()):
         rid, fields = parse_header(header)
         if "TARGET" not in fields:
