@@ -49,7 +49,12 @@ class ConvHead(nn.Module):
             nn.Dropout(spec.dropout), nn.Conv1d(spec.hidden, spec.num_outputs, spec.kernel, padding=pad))
 
     def forward(self, reps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.net(reps.transpose(1, 2)).transpose(1, 2)  # (B, L, C)
+        conv1, relu, dropout, conv2 = self.net
+        keep = mask.unsqueeze(1).to(reps.dtype)
+        # Re-zero padding between the convolutions (conv1's bias makes it non-zero), so a
+        # sequence's output never depends on the sequences it is batched with.
+        hidden = dropout(relu(conv1(reps.transpose(1, 2))) * keep)
+        return conv2(hidden).transpose(1, 2)  # (B, L, C)
 
 
 class PooledHead(nn.Module):

@@ -1,0 +1,350 @@
+"""The serving engine: one shared ESM-2, many adapters, mixed-adapter batches.
+
+Tiers (vLLM/S-LoRA style): device slots (LRU, reference-counted: a slot used by a queued or
+running batch is never evicted) <- CPU cache (LRU of verified, rank-padded tensors and heads)
+<- the registry on disk. Hot adapters can be served from a merged copy of the encoder
+(W + s·B·A); the shared base is never modified in place.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modeling import bundle as bundles
+from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise, tokenize
+from modeling.base import Base
+from modeling.heads import PER_RESIDUE, REGRESSION, HeadSpec, build_head, residues
+from modeling.lora import ATTENTION_TARGETS, PEFT_PREFIX
+from serving.multilora import MultiLoraLinear, SlotContext, wrap_targets
+from serving.registry import AdapterRefused, Registry
+
+
+class NoFreeSlot(RuntimeError):
+    pass
+
+
+@dataclass
+class Prediction:
+    adapter: str  # the resolved NAME@VERSION
+    kind: str
+    labels: str | None = None  # per-residue label string
+    residue_probabilities: list[list[float]] | None = None
+    label: str | None = None  # sequence class
+    probabilities: dict[str, float] | None = None
+    value: float | None = None  # regression
+
+
+@dataclass
+class LoadedAdapter:
+    """CPU tier: a verified bundle, ready to copy into a device slot."""
+    ref: str
+    manifest: dict
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # path -> (A, B, bias)
+    scale: float
+    head: nn.Module
+    nbytes: int
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["output"]["kind"]
+
+
+def manifest_checker(base: Base, r_max: int = 64, targets: tuple[str, ...] = ATTENTION_TARGETS):
+    """What a server on `base` can serve; returns a refusal reason or None."""
+    def check(manifest: dict) -> str | None:
+        if manifest["base"]["fingerprint"] != base.fingerprint:
+            return (f"base fingerprint mismatch: trained on {manifest['base']['fingerprint'][:12]}, "
+                    f"serving {base.fingerprint[:12]}")
+        if manifest["mode"] == "full":
+            return "full fine-tuned bundle: it replaces the whole encoder and cannot share the base"
+        if manifest["head"].get("embed_dim") != base.encoder.embed_dim:
+            return f"head expects embed_dim {manifest['head'].get('embed_dim')}, base has {base.encoder.embed_dim}"
+        lora = manifest.get("lora")
+        if lora:
+            if lora["rank"] > r_max:
+                return f"rank {lora['rank']} exceeds this server's r_max {r_max}"
+            if missing := set(lora.get("targets", [])) - set(targets):
+                return f"targets {sorted(missing)} are not enabled on this server (targets: {list(targets)})"
+        return None
+    return check
+
+
+class SlotTable:
+    """Device slots 1..n (0 = no adapter): LRU order plus a reference count per slot."""
+
+    def __init__(self, num_slots: int):
+        self.free = list(range(num_slots, 0, -1))
+        self.slot_of: OrderedDict[str, int] = OrderedDict()  # LRU first
+        self.refs: Counter[str] = Counter()
+        self.evictions = 0
+
+    def acquire(self, ref: str, load) -> int:
+        if ref in self.slot_of:
+            self.slot_of.move_to_end(ref)
+        else:
+            if not self.free:
+                victim = next((r for r in self.slot_of if self.refs[r] == 0), None)
+                if victim is None:
+                    raise NoFreeSlot("every device slot is in use by a queued or running batch")
+                self.free.append(self.slot_of.pop(victim))
+                self.evictions += 1
+            slot = self.free.pop()
+            load(slot)
+            self.slot_of[ref] = slot
+        self.refs[ref] += 1
+        return self.slot_of[ref]
+
+    def release(self, ref: str) -> None:
+        self.refs[ref] -= 1
+        if self.refs[ref] <= 0:
+            del self.refs[ref]
+
+    def drop(self, ref: str) -> None:
+        """Forget a removed adapter's slot once nothing uses it."""
+        if ref in self.slot_of and self.refs[ref] == 0:
+            self.free.append(self.slot_of.pop(ref))
+
+
+@dataclass
+class EngineConfig:
+    r_max: int = 16
+    max_device_adapters: int = 64
+    max_cpu_adapters: int = 256
+    max_batch_size: int = 64
+    max_batch_residues: int = 16384
+    targets: tuple[str, ...] = ATTENTION_TARGETS
+    merged: tuple[str, ...] = ()  # adapter names always served from a merged copy
+    merge_top_k: int = 0  # also merge the K adapters with the most traffic
+    device: str = "cpu"
+    return_residue_probabilities: bool = False
+
+
+@dataclass
+class _Item:
+    index: int
+    sequence: str
+    adapter: LoadedAdapter
+    slot: int = 0
+
+
+class Engine:
+    def __init__(self, base: Base, registry: Registry | Path, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.base = base
+        self.device = torch.device(self.config.device)
+        self.fingerprint = base.fingerprint
+        self._clean = copy.deepcopy(base.encoder)  # unwrapped base, the source of merged copies
+        self.encoder = base.encoder.to(self.device).eval()
+        self.context = SlotContext()
+        self.layers = wrap_targets(self.encoder, self.config.targets, self.config.max_device_adapters + 1,
+                                   self.config.r_max, self.context)
+        if isinstance(registry, Path) or isinstance(registry, str):
+            registry = Registry(Path(registry), manifest_checker(base, self.config.r_max, self.config.targets))
+        self.registry = registry
+        self.registry.on_change(self._on_registry_change)
+        self.cpu_cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self.slots = SlotTable(self.config.max_device_adapters)
+        self.merged: dict[str, nn.Module] = {}
+        self.traffic: Counter[str] = Counter()
+        self.stats = Counter()
+        self._lock = threading.RLock()
+
+    # ---- tiers -------------------------------------------------------------------------------
+    def load(self, ref: str) -> LoadedAdapter:
+        """Resolve NAME[@VERSION] and return the verified adapter (CPU tier, LRU)."""
+        entry = self.registry.resolve(ref)
+        with self._lock:
+            if entry.ref in self.cpu_cache:
+                self.cpu_cache.move_to_end(entry.ref)
+                return self.cpu_cache[entry.ref]
+        try:
+            adapter = self._read(entry.ref, entry.folder)
+        except (bundles.BundleError, ValueError, RuntimeError, KeyError) as exc:
+            self.registry.mark_refused(entry.ref, str(exc))
+            self.stats["refusals"] += 1
+            raise AdapterRefused(f"adapter {entry.ref} refused: {exc}") from exc
+        with self._lock:
+            self.cpu_cache[entry.ref] = adapter
+            self.stats["loads"] += 1
+            while len(self.cpu_cache) > self.config.max_cpu_adapters:
+                victim = next((r for r in self.cpu_cache if r not in self.slots.refs), None)
+                if victim is None:
+                    break
+                del self.cpu_cache[victim]
+        return adapter
+
+    def _read(self, ref: str, folder: Path) -> LoadedAdapter:
+        bundle = bundles.read_bundle(folder)  # checksums, safetensors only
+        reason = manifest_checker(self.base, self.config.r_max, self.config.targets)(bundle.manifest)
+        if reason:
+            raise bundles.BundleError(reason)
+        manifest = bundle.manifest
+        layers, scale, nbytes = {}, 1.0, 0
+        if manifest["mode"] == "lora":
+            config = bundle.adapter_config or {}
+            scale = float(config.get("lora_alpha", manifest["lora"]["rank"])) / int(config.get("r", manifest["lora"]["rank"]))
+            paths = {k.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for k in bundle.adapter}
+            for path in sorted(paths):
+                if path not in self.layers:
+                    raise bundles.BundleError(f"adapter targets {path}, which this base/server does not have")
+                target = self.layers[path]
+                a = bundle.adapter[f"{PEFT_PREFIX}{path}.lora_A.weight"]
+                b = bundle.adapter[f"{PEFT_PREFIX}{path}.lora_B.weight"]
+                bias = bundle.adapter.get(f"{PEFT_PREFIX}{path}.lora_B.bias")
+                d_out, d_in = target.base.weight.shape
+                if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+                    raise bundles.BundleError(f"{path}: adapter shapes {tuple(a.shape)}/{tuple(b.shape)} "
+                                              f"do not fit the base linear ({d_out}x{d_in})")
+                if a.shape[0] > self.config.r_max:
+                    raise bundles.BundleError(f"rank {a.shape[0]} exceeds r_max {self.config.r_max}")
+                layers[path] = (a.float(), b.float(), None if bias is None else bias.float())
+                nbytes += sum(t.numel() * 4 for t in (a, b) + ((bias,) if bias is not None else ()))
+        head = build_head(HeadSpec(**manifest["head"]))
+        head.load_state_dict(bundle.head)
+        head = head.to(self.device).eval()
+        nbytes += sum(p.numel() * p.element_size() for p in head.parameters())
+        return LoadedAdapter(ref, manifest, layers, scale, head, nbytes)
+
+    def _to_slot(self, adapter: LoadedAdapter, slot: int) -> None:
+        for path, layer in self.layers.items():
+            if path in adapter.layers:
+                a, b, bias = adapter.layers[path]
+                layer.load_slot(slot, a.to(self.device), b.to(self.device), adapter.scale,
+                                None if bias is None else bias.to(self.device))
+            else:
+                layer.clear_slot(slot)
+
+    def _on_registry_change(self, added: set[str], removed: set[str]) -> None:
+        with self._lock:
+            for ref in removed:
+                self.cpu_cache.pop(ref, None)
+                self.merged.pop(ref, None)
+                self.slots.drop(ref)
+
+    # ---- merged mode -------------------------------------------------------------------------
+    def merge(self, ref: str) -> None:
+        """Build a merged copy W + s·B·A (and bias) for a hot adapter; the base stays untouched."""
+        adapter = self.load(ref)
+        merged = copy.deepcopy(self._clean).to(self.device).eval()
+        modules = dict(merged.named_modules())
+        with torch.no_grad():
+            for path, (a, b, bias) in adapter.layers.items():
+                linear = modules[path]
+                linear.weight += adapter.scale * (b @ a).to(self.device)
+                if bias is not None:
+                    linear.bias += adapter.scale * bias.to(self.device)
+        with self._lock:
+            self.merged[adapter.ref] = merged
+
+    def _update_hot(self) -> None:
+        wanted = set()
+        for name in self.config.merged:
+            try:
+                wanted.add(self.registry.resolve(name).ref)
+            except (LookupError, RuntimeError, ValueError):
+                pass
+        wanted |= {ref for ref, _ in self.traffic.most_common(self.config.merge_top_k)}
+        for ref in wanted - set(self.merged):
+            try:
+                self.merge(ref)
+            except (LookupError, RuntimeError, ValueError):
+                pass
+
+    # ---- inference ---------------------------------------------------------------------------
+    def predict(self, requests: list[tuple[str, str]]) -> list[Prediction | Exception]:
+        """requests: (adapter ref, sequence). Each result is a Prediction or the error for that
+        request alone (unknown/refused adapter, bad name, invalid sequence)."""
+        results: list[Prediction | Exception | None] = [None] * len(requests)
+        items: list[_Item] = []
+        for i, (ref, sequence) in enumerate(requests):
+            try:
+                seq = normalise(sequence, f"sequence {i}")
+                if len(seq) > MAX_RESIDUES:
+                    raise SequenceError(f"sequence {i}: {len(seq)} residues; the model takes at most {MAX_RESIDUES}")
+                items.append(_Item(i, seq, self.load(ref)))
+            except (SequenceError, LookupError, RuntimeError, ValueError) as exc:
+                results[i] = exc
+        with self._lock:
+            for item in items:
+                self.traffic[item.adapter.ref] += 1
+            if self.config.merged or self.config.merge_top_k:
+                self._update_hot()
+            merged_groups: dict[str, list[_Item]] = {}
+            shared: list[_Item] = []
+            for item in items:
+                (merged_groups.setdefault(item.adapter.ref, []) if item.adapter.ref in self.merged else shared).append(item)
+        for ref, group in merged_groups.items():
+            self._run(group, self.merged[ref], results)
+        self._run_shared(shared, results)
+        return results  # type: ignore[return-value]
+
+    def _run_shared(self, items: list[_Item], results: list) -> None:
+        pending = sorted(items, key=lambda it: len(it.sequence))
+        while pending:
+            acquired: list[str] = []
+            batch: list[_Item] = []
+            try:
+                with self._lock:
+                    for item in pending:
+                        if len(batch) >= self.config.max_batch_size or \
+                                (len(batch) + 1) * (len(item.sequence) + 2) > self.config.max_batch_residues and batch:
+                            break
+                        ad = item.adapter
+                        if ad.layers:
+                            try:
+                                item.slot = self.slots.acquire(ad.ref, lambda s, ad=ad: self._to_slot(ad, s))
+                            except NoFreeSlot:
+                                break
+                            acquired.append(ad.ref)
+                        batch.append(item)
+                self._run(batch, self.encoder, results, slots=True)
+            finally:
+                with self._lock:
+                    for ref in acquired:
+                        self.slots.release(ref)
+            pending = pending[len(batch):]
+
+    @torch.no_grad()
+    def _run(self, items: list[_Item], encoder: nn.Module, results: list, slots: bool = False) -> None:
+        for start in range(0, len(items), self.config.max_batch_size):
+            chunk = items[start:start + self.config.max_batch_size]
+            tokens = tokenize([it.sequence for it in chunk]).to(self.device)
+            self.context.slots = torch.tensor([it.slot for it in chunk], device=self.device) if slots else None
+            try:
+                reps = encoder(tokens)
+            finally:
+                self.context.slots = None
+            lengths = torch.tensor([len(it.sequence) for it in chunk], device=self.device)
+            reps, mask = residues(reps, lengths)
+            self.stats["batches"] += 1
+            self.stats["sequences"] += len(chunk)
+            groups: dict[str, list[int]] = {}
+            for row, it in enumerate(chunk):
+                groups.setdefault(it.adapter.ref, []).append(row)
+            for ref, rows in groups.items():  # heads run per adapter group after the shared encoder
+                adapter = chunk[rows[0]].adapter
+                idx = torch.tensor(rows, device=self.device)
+                out = adapter.head(reps[idx], mask[idx]).float().cpu()
+                for k, row in enumerate(rows):
+                    results[chunk[row].index] = self._decode(adapter, out[k], len(chunk[row].sequence))
+
+    def _decode(self, adapter: LoadedAdapter, out: torch.Tensor, length: int) -> Prediction:
+        output = adapter.manifest["output"]
+        labels = output["labels"]
+        if adapter.kind == PER_RESIDUE:
+            probs = out[:length].softmax(-1)
+            return Prediction(adapter.ref, adapter.kind,
+                              labels="".join(labels[i] for i in probs.argmax(-1).tolist()),
+                              residue_probabilities=probs.tolist() if self.config.return_residue_probabilities else None)
+        if adapter.kind == REGRESSION:
+            value = float(out.reshape(-1)[0]) * output.get("target_std", 1.0) + output.get("target_mean", 0.0)
+            return Prediction(adapter.ref, adapter.kind, value=value)
+        probs = out.softmax(-1)
+        return Prediction(adapter.ref, adapter.kind, label=labels[int(probs.argmax())],
+                          probabilities={label: float(p) for label, p in zip(labels, probs.tolist())})

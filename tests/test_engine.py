@@ -1,0 +1,174 @@
+import copy
+import random
+import shutil
+
+import pytest
+import torch
+
+from bundles import make_bundle
+from conftest import random_sequences
+from modeling import bundle as bundles
+from modeling.alphabet import SequenceError, tokenize
+from modeling.base import load_base
+from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
+from modeling.lora import LoraSpec
+from modeling.model import load_task_model
+from serving.engine import Engine, EngineConfig, NoFreeSlot, SlotTable
+from serving.registry import AdapterNotFound, AdapterRefused
+
+ATOL = 1e-4  # stated tolerance: unmerged-batched vs merged vs peft, float32 on CPU
+
+
+def reference(base_dir, folder, sequence):
+    """The plain single-adapter peft model, one sequence at a time."""
+    model = load_task_model(load_base(str(base_dir)).encoder, bundles.read_bundle(folder))
+    with torch.no_grad():
+        out, _ = model(tokenize([sequence]))
+    return out[0]
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return tmp_path / "adapters"
+
+
+def test_mixed_batch_matches_peft_per_adapter(tiny_base_dir, registry):
+    base = load_base(str(tiny_base_dir))
+    specs = [("r2", LoraSpec(rank=2, alpha=4), PER_RESIDUE), ("r8", LoraSpec(rank=8, alpha=8), SEQUENCE_CLASS),
+             ("r4", LoraSpec(rank=4, targets=["q_proj", "v_proj"]), REGRESSION),
+             ("tied", LoraSpec(rank=3, tie=True, position_embedding="add"), PER_RESIDUE),
+             ("r1sel", LoraSpec(rank=1, layers=[1]), PER_RESIDUE)]
+    folders = {name: make_bundle(base, registry, name, kind=kind, spec=spec, seed=i)
+               for i, (name, spec, kind) in enumerate(specs)}
+    folders["frozen"] = make_bundle(base, registry, "frozen", mode="frozen", seed=9)
+    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8, max_batch_size=64))
+    rng = random.Random(0)
+    sequences = random_sequences(30, 5, 60, seed=4)
+    requests = [(rng.choice(list(folders)), s) for s in sequences]
+    results = engine.predict(requests)
+    engine_merged = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8, merged=tuple(folders)))
+    merged_results = engine_merged.predict(requests)
+    for (name, seq), got, merged in zip(requests, results, merged_results):
+        expected = reference(tiny_base_dir, folders[name], seq)
+        for result in (got, merged):
+            assert result.adapter == f"{name}@1"
+            if result.kind == PER_RESIDUE:
+                labels = "".join("HEC"[i] for i in expected.argmax(-1).tolist())
+                assert result.labels == labels and len(result.labels) == len(seq)
+            elif result.kind == REGRESSION:
+                assert result.value == pytest.approx(float(expected[0]) * 2.0 + 5.0, abs=ATOL * 10)
+            else:
+                probs = expected.softmax(-1)
+                assert result.probabilities["abcd"[0]] == pytest.approx(float(probs[0]), abs=ATOL)
+                assert result.label == "abcd"[int(probs.argmax())]
+    assert len(engine_merged.merged) == len(folders)
+
+
+def test_probabilities_match_within_tolerance(tiny_base_dir, registry):
+    base = load_base(str(tiny_base_dir))
+    folder = make_bundle(base, registry, "a", rank=8)
+    make_bundle(base, registry, "b", rank=2, seed=1)
+    engine = Engine(load_base(str(tiny_base_dir)), registry,
+                    EngineConfig(r_max=8, return_residue_probabilities=True))
+    seqs = random_sequences(6, 10, 50, seed=2)
+    results = engine.predict([("a" if i % 2 else "b", s) for i, s in enumerate(seqs)] + [("a", seqs[0])])
+    expected = reference(tiny_base_dir, folder, seqs[0]).softmax(-1)
+    torch.testing.assert_close(torch.tensor(results[-1].residue_probabilities), expected, atol=ATOL, rtol=0)
+
+
+def test_bad_requests_fail_alone(tiny_base_dir, registry):
+    base = load_base(str(tiny_base_dir))
+    make_bundle(base, registry, "good")
+    make_bundle(base, registry, "other-base", base_fingerprint_override=True)
+    manifest_path = registry / "other-base" / "1" / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace(base.fingerprint, "0" * 64))
+    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8))
+    results = engine.predict([("good", "MKTAY"), ("missing", "MKTAY"), ("other-base", "MKTAY"),
+                              ("good", "MKJAY"), ("../etc", "MKTAY"), ("good@7", "MKT"), ("good", "MKTAAA")])
+    assert results[0].labels and results[6].labels
+    assert isinstance(results[1], AdapterNotFound)
+    assert isinstance(results[2], AdapterRefused) and "fingerprint" in str(results[2])
+    assert isinstance(results[3], SequenceError) and results[3].char == "J"
+    assert isinstance(results[4], bundles.BundleError)
+    assert isinstance(results[5], AdapterNotFound)
+
+
+def test_refusal_reasons(tiny_base_dir, registry):
+    base = load_base(str(tiny_base_dir))
+    make_bundle(base, registry, "big", rank=16)
+    make_bundle(base, registry, "fc", spec=LoraSpec(rank=2, targets=["fc1"]))
+    make_bundle(base, registry, "full", mode="frozen")
+    m = registry / "full" / "1" / "manifest.json"
+    m.write_text(m.read_text().replace('"mode": "frozen"', '"mode": "full"'))
+    make_bundle(base, registry, "tampered")
+    (registry / "tampered" / "1" / "head.safetensors").write_bytes(b"\0" * 64)
+    make_bundle(base, registry, "pickle")
+    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8))
+    reasons = {e.name: e.reason for e in engine.registry.entries()}
+    assert "exceeds this server's r_max 8" in reasons["big"]
+    assert "not enabled on this server" in reasons["fc"]
+    assert "full fine-tuned" in reasons["full"] or "files" in reasons["full"]
+    results = engine.predict([("tampered", "MKT"), ("big", "MKT"), ("pickle", "MKT")])
+    assert isinstance(results[0], AdapterRefused) and "checksum mismatch" in str(results[0])
+    assert isinstance(results[1], AdapterRefused) and "r_max" in str(results[1])
+    assert results[2].labels  # everything else keeps serving
+    assert engine.registry.resolve  # refused state is listed with its reason
+    assert "checksum" in {e.name: e.reason for e in engine.registry.entries()}["tampered"]
+
+
+def test_eviction_never_drops_a_slot_in_use():
+    table = SlotTable(2)
+    loads = []
+    table.acquire("a", loads.append)  # a in use (running batch)
+    table.acquire("b", loads.append)
+    table.release("b")  # b idle
+    table.acquire("c", loads.append)  # must evict b, the only idle one, even though a is older
+    assert set(table.slot_of) == {"a", "c"} and table.evictions == 1
+    with pytest.raises(NoFreeSlot):
+        table.acquire("d", loads.append)  # a and c both in use
+    table.release("a")
+    assert table.acquire("d", loads.append) == table.slot_of["d"] and "a" not in table.slot_of
+
+
+def test_more_adapters_than_device_slots_still_correct(tiny_base_dir, registry):
+    base = load_base(str(tiny_base_dir))
+    folders = {f"a{i}": make_bundle(base, registry, f"a{i}", rank=2, seed=i) for i in range(5)}
+    engine = Engine(load_base(str(tiny_base_dir)), registry,
+                    EngineConfig(r_max=4, max_device_adapters=2, max_cpu_adapters=3))
+    seqs = random_sequences(10, 8, 30, seed=7)
+    requests = [(f"a{i % 5}", s) for i, s in enumerate(seqs)]
+    for _ in range(2):
+        results = engine.predict(requests)
+        for (name, seq), got in zip(requests, results):
+            expected = "".join("HEC"[i] for i in reference(tiny_base_dir, folders[name], seq).argmax(-1).tolist())
+            assert got.labels == expected
+    assert engine.slots.evictions > 0 and len(engine.cpu_cache) <= 3
+
+
+def test_hot_add_and_remove(tiny_base_dir, registry):
+    base = load_base(str(tiny_base_dir))
+    make_bundle(base, registry, "x")
+    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8))
+    assert isinstance(engine.predict([("y", "MKT")])[0], AdapterNotFound)
+    make_bundle(base, registry, "y")
+    engine.registry.refresh()
+    assert engine.predict([("y", "MKT")])[0].adapter == "y@1"
+    make_bundle(base, registry, "y", seed=3)
+    engine.registry.refresh()
+    assert engine.predict([("y", "MKT")])[0].adapter == "y@2"
+    assert engine.predict([("y@1", "MKT")])[0].adapter == "y@1"
+    shutil.rmtree(registry / "y")
+    engine.registry.refresh()
+    assert isinstance(engine.predict([("y", "MKT")])[0], AdapterNotFound)
+    assert not any(ref.startswith("y@") for ref in engine.cpu_cache)
+
+
+def test_shared_base_is_never_modified(tiny_base_dir, registry):
+    base = load_base(str(tiny_base_dir))
+    make_bundle(base, registry, "hot")
+    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8, merge_top_k=1))
+    before = {k: v.clone() for k, v in engine._clean.state_dict().items()}
+    engine.predict([("hot", "MKTAYIAK")] * 3)
+    assert "hot@1" in engine.merged
+    for name, layer in engine.layers.items():
+        assert torch.equal(layer.base.weight, before[f"{name}.weight"])
