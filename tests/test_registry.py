@@ -1,0 +1,86 @@
+import shutil
+import time
+
+import pytest
+
+from bundles import make_bundle
+from modeling import bundle as bundles
+from modeling.base import load_base
+from serving import registry as reg
+from serving.engine import manifest_checker
+
+
+@pytest.mark.parametrize("bad", ["../x", "..", "/etc/passwd", "a/b", "a\0b", "x" * 65, "", ".hidden",
+                                 "a b", "name@", "name@0", "name@-1", "name@1@2", "name@abc"])
+def test_names_that_could_escape_the_registry_are_refused(bad):
+    with pytest.raises(bundles.BundleError):
+        bundles.parse_ref(bad)
+
+
+def test_valid_names():
+    assert bundles.parse_ref("sec_str-r16") == ("sec_str-r16", None)
+    assert bundles.parse_ref("scl.v2@12") == ("scl.v2", 12)
+
+
+def test_half_copied_folder_is_invisible_until_the_manifest_lands(tiny_base, tmp_path):
+    source = make_bundle(tiny_base, tmp_path / "src", "a")
+    registry = reg.Registry(tmp_path / "adapters", manifest_checker(tiny_base, 8))
+    target = tmp_path / "adapters" / "copied" / "1"
+    target.mkdir(parents=True)
+    for f in sorted(source.iterdir()):
+        if f.name != "manifest.json":  # copied file by file, manifest last
+            shutil.copy(f, target / f.name)
+            registry.refresh()
+            assert registry.entries() == []
+    shutil.copy(source / "manifest.json", target / "manifest.json")
+    registry.refresh()
+    assert [e.ref for e in registry.entries()] == ["copied@1"]
+    assert registry.resolve("copied").status == "ok"
+
+
+def test_push_list_remove_cli(tiny_base, tmp_path, capsys, monkeypatch):
+    source = make_bundle(tiny_base, tmp_path / "src", "a")
+    registry = tmp_path / "adapters"
+    assert reg.main(["push", str(source), "--registry", str(registry), "--name", "mine"]) == 0
+    assert reg.main(["push", str(source), "--registry", str(registry), "--name", "mine"]) == 0
+    assert bundles.versions(registry, "mine") == [1, 2]
+    monkeypatch.setenv("ESM_ADAPTERS_BASE", tiny_base.source)
+    assert reg.main(["list", "--registry", str(registry)]) == 0
+    out = capsys.readouterr().out
+    assert "mine@1" in out and "mine@2" in out and "ok" in out
+    assert reg.main(["remove", "mine@1", "--registry", str(registry)]) == 0
+    assert bundles.versions(registry, "mine") == [2]
+    assert reg.main(["remove", "mine", "--registry", str(registry)]) == 0
+    assert not (registry / "mine").exists()
+    assert reg.main(["remove", "../../etc", "--registry", str(registry)]) == 2
+    (source / "head.safetensors").write_bytes(b"tampered")
+    assert reg.main(["push", str(source), "--registry", str(registry)]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+
+
+def test_watch_notices_changes_within_a_second(tiny_base, tmp_path):
+    registry = reg.Registry(tmp_path / "adapters", manifest_checker(tiny_base, 8))
+    registry.watch(interval=0.2)
+    try:
+        make_bundle(tiny_base, tmp_path / "adapters", "late")
+        deadline = time.monotonic() + 5.0  # polls every 0.2 s; slack for a loaded CI machine
+        while time.monotonic() < deadline and not registry.entries():
+            time.sleep(0.05)
+        assert [e.ref for e in registry.entries()] == ["late@1"]
+        reg.remove("late", tmp_path / "adapters")
+        deadline = time.monotonic() + 5.0  # polls every 0.2 s; slack for a loaded CI machine
+        while time.monotonic() < deadline and registry.entries():
+            time.sleep(0.05)
+        assert registry.entries() == []
+    finally:
+        registry.close()
+
+
+def test_malformed_manifest_is_listed_as_refused(tiny_base, tmp_path):
+    folder = make_bundle(tiny_base, tmp_path / "adapters", "broken")
+    (folder / "manifest.json").write_text("{not json")
+    registry = reg.Registry(tmp_path / "adapters", manifest_checker(tiny_base, 8))
+    [entry] = registry.entries()
+    assert entry.status == "refused" and "not valid JSON" in entry.reason
+    with pytest.raises(reg.AdapterRefused, match="not valid JSON"):
+        registry.resolve("broken")
