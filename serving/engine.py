@@ -151,6 +151,7 @@ class Engine:
         self.cpu_cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self.slots = SlotTable(self.config.max_device_adapters)
         self.merged: dict[str, nn.Module] = {}
+        self.onnx: dict[str, object] = {}  # ref -> OnnxModel (merged export run by onnxruntime)
         self.traffic: Counter[str] = Counter()
         self.stats = Counter()
         self._lock = threading.RLock()
@@ -225,12 +226,12 @@ class Engine:
             for ref in removed:
                 self.cpu_cache.pop(ref, None)
                 self.merged.pop(ref, None)
+                self.onnx.pop(ref, None)
                 self.slots.drop(ref)
 
     # ---- merged mode -------------------------------------------------------------------------
-    def merge(self, ref: str) -> None:
-        """Build a merged copy W + s·B·A (and bias) for a hot adapter; the base stays untouched."""
-        adapter = self.load(ref)
+    def merged_encoder(self, adapter: LoadedAdapter) -> nn.Module:
+        """A dedicated copy with W + s·B·A (and s·bias) folded in; the shared base is untouched."""
         merged = copy.deepcopy(self._clean).to(self.device).eval()
         modules = dict(merged.named_modules())
         with torch.no_grad():
@@ -239,6 +240,12 @@ class Engine:
                 linear.weight += adapter.scale * (b @ a).to(self.device)
                 if bias is not None:
                     linear.bias += adapter.scale * bias.to(self.device)
+        return merged
+
+    def merge(self, ref: str) -> None:
+        """Serve a hot adapter from its own merged copy from now on."""
+        adapter = self.load(ref)
+        merged = self.merged_encoder(adapter)
         with self._lock:
             self.merged[adapter.ref] = merged
 
@@ -255,6 +262,18 @@ class Engine:
                 self.merge(ref)
             except (LookupError, RuntimeError, ValueError):
                 pass
+
+    def add_onnx(self, path: Path) -> str:
+        """Serve an adapter from its ONNX export (see serving.export_onnx); returns its ref."""
+        from serving.onnx_runner import OnnxModel
+
+        model = OnnxModel(Path(path))
+        if model.base_fingerprint != self.fingerprint:
+            raise AdapterRefused(f"{path}: exported from another base ({model.base_fingerprint[:12]})")
+        adapter = self.load(model.adapter)  # must still be in the registry and valid
+        with self._lock:
+            self.onnx[adapter.ref] = model
+        return adapter.ref
 
     # ---- inference ---------------------------------------------------------------------------
     def predict(self, requests: list[tuple[str, str]]) -> list[Prediction | Exception]:
@@ -275,12 +294,16 @@ class Engine:
                 self.traffic[item.adapter.ref] += 1
             if self.config.merged or self.config.merge_top_k:
                 self._update_hot()
-            merged_groups: dict[str, list[_Item]] = {}
+            dedicated: dict[str, list[_Item]] = {}  # served by an ONNX or merged model of their own
             shared: list[_Item] = []
             for item in items:
-                (merged_groups.setdefault(item.adapter.ref, []) if item.adapter.ref in self.merged else shared).append(item)
-        for ref, group in merged_groups.items():
-            self._run(group, self.merged[ref], results)
+                ref = item.adapter.ref
+                (dedicated.setdefault(ref, []) if ref in self.onnx or ref in self.merged else shared).append(item)
+        for ref, group in dedicated.items():
+            if ref in self.onnx:
+                self._run_onnx(group, self.onnx[ref], results)
+            else:
+                self._run(group, self.merged[ref], results)
         self._run_shared(shared, results)
         return results  # type: ignore[return-value]
 
@@ -333,6 +356,16 @@ class Engine:
                 out = adapter.head(reps[idx], mask[idx]).float().cpu()
                 for k, row in enumerate(rows):
                     results[chunk[row].index] = self._decode(adapter, out[k], len(chunk[row].sequence))
+
+    def _run_onnx(self, items: list[_Item], model, results: list) -> None:
+        items = sorted(items, key=lambda it: len(it.sequence))
+        for start in range(0, len(items), self.config.max_batch_size):
+            chunk = items[start:start + self.config.max_batch_size]
+            out = model(tokenize([it.sequence for it in chunk])).float()
+            self.stats["batches"] += 1
+            self.stats["sequences"] += len(chunk)
+            for row, it in enumerate(chunk):
+                results[it.index] = self._decode(it.adapter, out[row], len(it.sequence))
 
     def _decode(self, adapter: LoadedAdapter, out: torch.Tensor, length: int) -> Prediction:
         output = adapter.manifest["output"]

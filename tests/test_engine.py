@@ -172,3 +172,30 @@ def test_shared_base_is_never_modified(tiny_base_dir, registry):
     assert "hot@1" in engine.merged
     for name, layer in engine.layers.items():
         assert torch.equal(layer.base.weight, before[f"{name}.weight"])
+
+
+def test_onnx_export_agrees_with_the_unmerged_path(tiny_base_dir, registry, tmp_path):
+    from serving.export_onnx import main as export_main
+    base = load_base(str(tiny_base_dir))
+    make_bundle(base, registry, "ss", rank=4)
+    make_bundle(base, registry, "cls", rank=2, kind=SEQUENCE_CLASS, seed=1)
+    for name in ("ss", "cls"):
+        assert export_main(["--adapter", name, "--out", str(tmp_path / f"{name}.onnx"), "--registry",
+                            str(registry), "--base", str(tiny_base_dir), "--r-max", "8"]) == 0
+    plain = Engine(load_base(str(tiny_base_dir)), registry,
+                   EngineConfig(r_max=8, return_residue_probabilities=True))
+    onnx = Engine(load_base(str(tiny_base_dir)), registry,
+                  EngineConfig(r_max=8, return_residue_probabilities=True))
+    assert onnx.add_onnx(tmp_path / "ss.onnx") == "ss@1" and onnx.add_onnx(tmp_path / "cls.onnx") == "cls@1"
+    # lengths and batch sizes other than the traced example, with padding
+    requests = [("ss" if i % 3 else "cls", s) for i, s in enumerate(random_sequences(9, 3, 90, seed=5))]
+    for expected, got in zip(plain.predict(requests), onnx.predict(requests)):
+        if expected.kind == PER_RESIDUE:
+            assert got.labels == expected.labels
+            torch.testing.assert_close(torch.tensor(got.residue_probabilities),
+                                       torch.tensor(expected.residue_probabilities), atol=ATOL, rtol=0)
+        else:
+            assert got.label == expected.label
+            for k in expected.probabilities:
+                assert got.probabilities[k] == pytest.approx(expected.probabilities[k], abs=ATOL)
+    assert onnx.stats["batches"] >= 2 and not onnx.slots.slot_of  # ONNX path, no LoRA slots used
