@@ -49,6 +49,8 @@ class LoadedAdapter:
     scale: float
     head: nn.Module
     nbytes: int
+    folder: Path | None = None
+    has_lora: bool = False
 
     @property
     def kind(self) -> str:
@@ -210,16 +212,26 @@ class Engine:
         head.load_state_dict(bundle.head)
         head = head.to(self.device).eval()
         nbytes += sum(p.numel() * p.element_size() for p in head.parameters())
-        return LoadedAdapter(ref, manifest, layers, scale, head, nbytes)
+        return LoadedAdapter(ref, manifest, layers, scale, head, nbytes, Path(folder), bool(layers))
+
+    def _lora_tensors(self, adapter: LoadedAdapter) -> dict:
+        if adapter.layers or not adapter.has_lora:
+            return adapter.layers
+        return self._read(adapter.ref, adapter.folder).layers  # released earlier (CPU device)
 
     def _to_slot(self, adapter: LoadedAdapter, slot: int) -> None:
+        layers = self._lora_tensors(adapter)
         for path, layer in self.layers.items():
-            if path in adapter.layers:
-                a, b, bias = adapter.layers[path]
+            if path in layers:
+                a, b, bias = layers[path]
                 layer.load_slot(slot, a.to(self.device), b.to(self.device), adapter.scale,
                                 None if bias is None else bias.to(self.device))
             else:
                 layer.clear_slot(slot)
+        if self.device.type == "cpu":
+            # On a CPU device the slot already lives in host memory: keeping the CPU-tier copy too
+            # would double each adapter's footprint. Re-read from disk (~10 ms) if it is evicted.
+            adapter.layers = {}
 
     def _on_registry_change(self, added: set[str], removed: set[str]) -> None:
         with self._lock:
@@ -235,7 +247,7 @@ class Engine:
         merged = copy.deepcopy(self._clean).to(self.device).eval()
         modules = dict(merged.named_modules())
         with torch.no_grad():
-            for path, (a, b, bias) in adapter.layers.items():
+            for path, (a, b, bias) in self._lora_tensors(adapter).items():
                 linear = modules[path]
                 linear.weight += adapter.scale * (b @ a).to(self.device)
                 if bias is not None:
@@ -319,7 +331,7 @@ class Engine:
                                 (len(batch) + 1) * (len(item.sequence) + 2) > self.config.max_batch_residues and batch:
                             break
                         ad = item.adapter
-                        if ad.layers:
+                        if ad.has_lora:
                             try:
                                 item.slot = self.slots.acquire(ad.ref, lambda s, ad=ad: self._to_slot(ad, s))
                             except NoFreeSlot:
