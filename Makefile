@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.train
+
+protos: $(STAMP)  # regenerate the checked-in stubs (tests fail when they are stale)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/esm_adapters/v1/adapters.proto
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

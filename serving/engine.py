@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,14 @@ from serving.registry import AdapterRefused, Registry
 
 class NoFreeSlot(RuntimeError):
     pass
+
+
+REFUSAL_KINDS = ("fingerprint", "checksum", "r_max", "targets", "full fine-tuned", "shapes", "manifest")
+
+
+def refusal_kind(reason: str) -> str:
+    """A bounded label for a refusal reason (metrics must not carry free text)."""
+    return next((k.split()[0] for k in REFUSAL_KINDS if k in reason), "other")
 
 
 @dataclass
@@ -133,6 +142,15 @@ class _Item:
     sequence: str
     adapter: LoadedAdapter
     slot: int = 0
+    probabilities: bool = False
+
+
+@dataclass
+class BatchStats:
+    size: int
+    distinct_adapters: int
+    padding_ratio: float  # padded positions / all positions
+    seconds: float
 
 
 class Engine:
@@ -156,6 +174,8 @@ class Engine:
         self.onnx: dict[str, object] = {}  # ref -> OnnxModel (merged export run by onnxruntime)
         self.traffic: Counter[str] = Counter()
         self.stats = Counter()
+        self.batch_observers: list = []  # called with BatchStats after every forward pass
+        self.event_observers: list = []  # called with (event, detail, seconds): load/eviction/refusal
         self._lock = threading.RLock()
 
     # ---- tiers -------------------------------------------------------------------------------
@@ -166,12 +186,15 @@ class Engine:
             if entry.ref in self.cpu_cache:
                 self.cpu_cache.move_to_end(entry.ref)
                 return self.cpu_cache[entry.ref]
+        start = time.perf_counter()
         try:
             adapter = self._read(entry.ref, entry.folder)
         except (bundles.BundleError, ValueError, RuntimeError, KeyError) as exc:
             self.registry.mark_refused(entry.ref, str(exc))
             self.stats["refusals"] += 1
+            self._event("refusal", refusal_kind(str(exc)), 0.0)
             raise AdapterRefused(f"adapter {entry.ref} refused: {exc}") from exc
+        self._event("load", entry.ref, time.perf_counter() - start)
         with self._lock:
             self.cpu_cache[entry.ref] = adapter
             self.stats["loads"] += 1
@@ -213,6 +236,17 @@ class Engine:
         head = head.to(self.device).eval()
         nbytes += sum(p.numel() * p.element_size() for p in head.parameters())
         return LoadedAdapter(ref, manifest, layers, scale, head, nbytes, Path(folder), bool(layers))
+
+    def _event(self, event: str, detail: str, seconds: float) -> None:
+        for observer in self.event_observers:
+            observer(event, detail, seconds)
+
+    def tiers(self) -> dict[str, int]:
+        """Adapters resident per tier (for gauges)."""
+        with self._lock:
+            return {"device": len(self.slots.slot_of), "cpu": len(self.cpu_cache),
+                    "merged": len(self.merged), "onnx": len(self.onnx),
+                    "registry": len(self.registry.entries())}
 
     def _lora_tensors(self, adapter: LoadedAdapter) -> dict:
         if adapter.layers or not adapter.has_lora:
@@ -288,17 +322,19 @@ class Engine:
         return adapter.ref
 
     # ---- inference ---------------------------------------------------------------------------
-    def predict(self, requests: list[tuple[str, str]]) -> list[Prediction | Exception]:
-        """requests: (adapter ref, sequence). Each result is a Prediction or the error for that
-        request alone (unknown/refused adapter, bad name, invalid sequence)."""
+    def predict(self, requests: list[tuple]) -> list[Prediction | Exception]:
+        """requests: (adapter ref, sequence[, want residue probabilities]). Each result is a
+        Prediction or the error for that request alone (unknown/refused adapter, bad name,
+        invalid sequence); the rest of the batch is unaffected."""
         results: list[Prediction | Exception | None] = [None] * len(requests)
         items: list[_Item] = []
-        for i, (ref, sequence) in enumerate(requests):
+        for i, (ref, sequence, *flags) in enumerate(requests):
             try:
                 seq = normalise(sequence, f"sequence {i}")
                 if len(seq) > MAX_RESIDUES:
                     raise SequenceError(f"sequence {i}: {len(seq)} residues; the model takes at most {MAX_RESIDUES}")
-                items.append(_Item(i, seq, self.load(ref)))
+                want = bool(flags[0]) if flags else self.config.return_residue_probabilities
+                items.append(_Item(i, seq, self.load(ref), probabilities=want))
             except (SequenceError, LookupError, RuntimeError, ValueError) as exc:
                 results[i] = exc
         with self._lock:
@@ -332,10 +368,13 @@ class Engine:
                             break
                         ad = item.adapter
                         if ad.has_lora:
+                            evictions = self.slots.evictions
                             try:
                                 item.slot = self.slots.acquire(ad.ref, lambda s, ad=ad: self._to_slot(ad, s))
                             except NoFreeSlot:
                                 break
+                            if self.slots.evictions > evictions:
+                                self._event("eviction", "device", 0.0)
                             acquired.append(ad.ref)
                         batch.append(item)
                 self._run(batch, self.encoder, results, slots=True)
@@ -349,6 +388,7 @@ class Engine:
     def _run(self, items: list[_Item], encoder: nn.Module, results: list, slots: bool = False) -> None:
         for start in range(0, len(items), self.config.max_batch_size):
             chunk = items[start:start + self.config.max_batch_size]
+            start = time.perf_counter()
             tokens = tokenize([it.sequence for it in chunk]).to(self.device)
             self.context.slots = torch.tensor([it.slot for it in chunk], device=self.device) if slots else None
             try:
@@ -367,26 +407,38 @@ class Engine:
                 idx = torch.tensor(rows, device=self.device)
                 out = adapter.head(reps[idx], mask[idx]).float().cpu()
                 for k, row in enumerate(rows):
-                    results[chunk[row].index] = self._decode(adapter, out[k], len(chunk[row].sequence))
+                    results[chunk[row].index] = self._decode(chunk[row], out[k])
+            self._observe(chunk, tokens.shape[1] - 2, time.perf_counter() - start)
+
+    def _observe(self, chunk: list[_Item], width: int, seconds: float) -> None:
+        residues_total = sum(len(it.sequence) for it in chunk)
+        stats = BatchStats(len(chunk), len({it.adapter.ref for it in chunk}),
+                           1.0 - residues_total / (len(chunk) * width), seconds)
+        for observer in self.batch_observers:
+            observer(stats)
 
     def _run_onnx(self, items: list[_Item], model, results: list) -> None:
         items = sorted(items, key=lambda it: len(it.sequence))
         for start in range(0, len(items), self.config.max_batch_size):
             chunk = items[start:start + self.config.max_batch_size]
-            out = model(tokenize([it.sequence for it in chunk])).float()
+            start = time.perf_counter()
+            tokens = tokenize([it.sequence for it in chunk])
+            out = model(tokens).float()
             self.stats["batches"] += 1
             self.stats["sequences"] += len(chunk)
             for row, it in enumerate(chunk):
-                results[it.index] = self._decode(it.adapter, out[row], len(it.sequence))
+                results[it.index] = self._decode(it, out[row])
+            self._observe(chunk, tokens.shape[1] - 2, time.perf_counter() - start)
 
-    def _decode(self, adapter: LoadedAdapter, out: torch.Tensor, length: int) -> Prediction:
+    def _decode(self, item: _Item, out: torch.Tensor) -> Prediction:
+        adapter, length = item.adapter, len(item.sequence)
         output = adapter.manifest["output"]
         labels = output["labels"]
         if adapter.kind == PER_RESIDUE:
             probs = out[:length].softmax(-1)
             return Prediction(adapter.ref, adapter.kind,
                               labels="".join(labels[i] for i in probs.argmax(-1).tolist()),
-                              residue_probabilities=probs.tolist() if self.config.return_residue_probabilities else None)
+                              residue_probabilities=probs.tolist() if item.probabilities else None)
         if adapter.kind == REGRESSION:
             value = float(out.reshape(-1)[0]) * output.get("target_std", 1.0) + output.get("target_mean", 0.0)
             return Prediction(adapter.ref, adapter.kind, value=value)
