@@ -177,6 +177,7 @@ class Engine:
         self.batch_observers: list = []  # called with BatchStats after every forward pass
         self.event_observers: list = []  # called with (event, detail, seconds): load/eviction/refusal
         self._lock = threading.RLock()
+        self._forward = threading.Lock()  # one forward at a time: the slot context is shared
 
     # ---- tiers -------------------------------------------------------------------------------
     def load(self, ref: str) -> LoadedAdapter:
@@ -390,11 +391,12 @@ class Engine:
             chunk = items[start:start + self.config.max_batch_size]
             start = time.perf_counter()
             tokens = tokenize([it.sequence for it in chunk]).to(self.device)
-            self.context.slots = torch.tensor([it.slot for it in chunk], device=self.device) if slots else None
-            try:
-                reps = encoder(tokens)
-            finally:
-                self.context.slots = None
+            with self._forward:
+                self.context.slots = torch.tensor([it.slot for it in chunk], device=self.device) if slots else None
+                try:
+                    reps = encoder(tokens)
+                finally:
+                    self.context.slots = None
             lengths = torch.tensor([len(it.sequence) for it in chunk], device=self.device)
             reps, mask = residues(reps, lengths)
             self.stats["batches"] += 1
@@ -416,6 +418,21 @@ class Engine:
                            1.0 - residues_total / (len(chunk) * width), seconds)
         for observer in self.batch_observers:
             observer(stats)
+
+    @torch.no_grad()
+    def embed(self, sequences: list[str]) -> list[torch.Tensor]:
+        """Final-layer residue representations (length x dim) from the bare base."""
+        seqs = [normalise(s, f"sequence {i}") for i, s in enumerate(sequences)]
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for start in range(0, len(order), self.config.max_batch_size):
+            idx = order[start:start + self.config.max_batch_size]
+            tokens = tokenize([seqs[i] for i in idx]).to(self.device)
+            with self._forward:
+                reps = self.encoder(tokens).float().cpu()  # slot context None: base only
+            for row, i in enumerate(idx):
+                out[i] = reps[row, 1:len(seqs[i]) + 1]
+        return out  # type: ignore[return-value]
 
     def _run_onnx(self, items: list[_Item], model, results: list) -> None:
         items = sorted(items, key=lambda it: len(it.sequence))

@@ -1,0 +1,234 @@
+"""The Ray Serve application: gRPC AdapterService over the batched multi-LoRA engine.
+
+Deploy locally with `python -m serving.serve`, or on a cluster with a Serve config whose
+import_path is `serving.app:build` (see serving/serve_config.yaml). One replica holds one base
+on its device; requests for different adapters share batches (the adapter travels in the request,
+so one `@serve.batch` queue mixes them).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from ray import serve
+
+from esm_adapters.v1 import adapters_pb2 as pb
+from modeling import bundle as bundles
+from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise
+from modeling.base import load_base
+from serving.engine import Engine, EngineConfig, Prediction
+from serving.registry import AdapterNotFound, AdapterRefused
+
+log = logging.getLogger("serving.app")
+SERVICER = "esm_adapters.v1.adapters_pb2_grpc.add_AdapterServiceServicer_to_server"
+WARMUP = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWUAIGLNGELLKAGLIQGSE"
+
+
+@dataclass
+class ServiceConfig:
+    """Everything configurable; the Serve config's `args` and `serving.serve` flags map onto it."""
+    registry: str = "adapters"
+    base: str | None = None
+    r_max: int = 16
+    max_device_adapters: int = 64
+    max_cpu_adapters: int = 256
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    merged: list[str] = field(default_factory=list)
+    merge_top_k: int = 0
+    device: str = "auto"
+    max_batch_size: int = 64
+    batch_wait_timeout_s: float = 0.005
+    max_batch_residues: int = 32768
+    max_sequences_per_request: int = 256
+    max_residues_per_request: int = 262144
+    registry_poll_s: float = 0.5
+
+    @classmethod
+    def from_args(cls, args: dict) -> "ServiceConfig":
+        unknown = set(args) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown service options {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
+        return cls(**args)
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def status_of(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, RequestError):
+        return exc.code
+    if isinstance(exc, AdapterNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, AdapterRefused):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, (bundles.BundleError, SequenceError, ValueError)):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+@serve.deployment(name="AdapterServer", max_ongoing_requests=256, health_check_period_s=5)
+class AdapterServer:
+    def __init__(self, args: dict):
+        import torch
+
+        from serving.metrics import ServiceMetrics
+        self.config = ServiceConfig.from_args(args)
+        device = self.config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.base = load_base(self.config.base)
+        self.engine = Engine(self.base, Path(self.config.registry), EngineConfig(
+            r_max=self.config.r_max, max_device_adapters=self.config.max_device_adapters,
+            max_cpu_adapters=self.config.max_cpu_adapters, max_batch_size=self.config.max_batch_size,
+            max_batch_residues=self.config.max_batch_residues, targets=tuple(self.config.targets),
+            merged=tuple(self.config.merged), merge_top_k=self.config.merge_top_k, device=device))
+        self.metrics = ServiceMetrics()
+        self.engine.batch_observers.append(self.metrics.on_batch)
+        self.engine.event_observers.append(self.metrics.on_event)
+        self.engine.registry.watch(self.config.registry_poll_s)
+        self._batch.set_max_batch_size(self.config.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self.engine.embed([WARMUP])  # warm-up: the replica is ready only once the base has run
+        self.metrics.set_tiers(self.engine.tiers())
+        log.info("AdapterServer ready: base %s (%s) on %s, %d adapter versions in %s", self.base.name,
+                 self.base.fingerprint[:12], device, len(self.engine.registry.entries()), self.config.registry)
+
+    def check_health(self) -> None:
+        """Serve's health probe: the base is loaded and the registry readable."""
+        self.engine.registry.entries()
+        self.metrics.set_tiers(self.engine.tiers())
+
+    # ---- batching --------------------------------------------------------------------------
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _batch(self, items: list[tuple]) -> list:
+        started = time.perf_counter()
+        for *_, enqueued in items:
+            self.metrics.latency.observe(started - enqueued, tags={"stage": "queue"})
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(None, self.engine.predict, [item[:3] for item in items])
+        self.metrics.latency.observe(time.perf_counter() - started, tags={"stage": "model"})
+        return results
+
+    # ---- RPCs ------------------------------------------------------------------------------
+    async def Predict(self, request: pb.PredictRequest, grpc_context=None) -> pb.PredictResponse:
+        started = time.perf_counter()
+        label = self.metrics.adapter_label(None, False)
+        try:
+            ref, entry, sequences, cropped = self._validate(request)
+            label = self.metrics.adapter_label(entry.name, True)
+            now = time.perf_counter()
+            results = await asyncio.gather(*[
+                self._batch((ref, seq, request.residue_probabilities, now)) for seq in sequences])
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            response = self._response(entry, results, cropped)
+            code = grpc.StatusCode.OK
+        except Exception as exc:  # every failure becomes a defined status; the server keeps serving
+            code = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("Predict failed")
+            if grpc_context is not None:
+                grpc_context.set_code(code)
+                grpc_context.set_details(str(exc))
+            response = pb.PredictResponse()
+        self.metrics.requests.inc(tags={"adapter": label, "code": code.name})
+        self.metrics.latency.observe(time.perf_counter() - started, tags={"stage": "total"})
+        return response
+
+    def _validate(self, request: pb.PredictRequest):
+        try:
+            bundles.parse_ref(request.adapter)
+        except bundles.BundleError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        if not request.sequences:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no sequences in the request")
+        if len(request.sequences) > self.config.max_sequences_per_request:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{len(request.sequences)} sequences; the limit per request is "
+                               f"{self.config.max_sequences_per_request}")
+        total = sum(len(s) for s in request.sequences)
+        if total > self.config.max_residues_per_request:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{total} residues; the limit per request is {self.config.max_residues_per_request}")
+        sequences, cropped = [], []
+        for i, raw in enumerate(request.sequences):
+            try:
+                seq = normalise(raw, f"sequence {i}")
+            except SequenceError as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            if len(seq) > MAX_RESIDUES and not request.crop:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"sequence {i}: {len(seq)} residues; the model takes at most "
+                                   f"{MAX_RESIDUES} (set crop=true to crop)")
+            cropped.append(len(seq) > MAX_RESIDUES)
+            sequences.append(seq[:MAX_RESIDUES])
+        entry = self.engine.registry.resolve(request.adapter)  # NOT_FOUND / FAILED_PRECONDITION
+        return entry.ref, entry, sequences, cropped
+
+    @staticmethod
+    def _response(entry, results: list[Prediction], cropped: list[bool]) -> pb.PredictResponse:
+        manifest = entry.manifest
+        response = pb.PredictResponse(adapter=entry.ref, task=manifest["task"], kind=manifest["output"]["kind"],
+                                      label_names=manifest["output"]["labels"])
+        for result, was_cropped in zip(results, cropped):
+            p = response.predictions.add(cropped=was_cropped)
+            if result.labels is not None:
+                p.labels = result.labels
+                for row in result.residue_probabilities or []:
+                    p.residue_probabilities.add(values=row)
+            if result.label is not None:
+                p.label = result.label
+                p.probabilities.update(result.probabilities)
+            if result.value is not None:
+                p.value = result.value
+        return response
+
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, grpc_context=None) -> pb.ListAdaptersResponse:
+        response = pb.ListAdaptersResponse(base_fingerprint=self.base.fingerprint, base_name=self.base.name)
+        for entry in self.engine.registry.entries():
+            s = entry.summary()
+            info = response.adapters.add(name=s["name"], version=s["version"], task=s["task"] or "",
+                                         rank=s["rank"] or 0, status=s["status"], reason=s["reason"] or "",
+                                         mode=s["mode"] or "", base_fingerprint=s["base_fingerprint"] or "")
+            for split, values in s["metrics"].items():
+                for key, value in values.items():
+                    info.metrics[f"{split}.{key}"] = float(value)
+        return response
+
+    async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
+        try:
+            if not request.sequences:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no sequences in the request")
+            if len(request.sequences) > self.config.max_sequences_per_request:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many sequences")
+            for i, seq in enumerate(request.sequences):
+                if len(seq) > MAX_RESIDUES:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"sequence {i}: longer than {MAX_RESIDUES} residues")
+            loop = asyncio.get_running_loop()
+            reps = await loop.run_in_executor(None, self.engine.embed, list(request.sequences))
+        except Exception as exc:
+            if grpc_context is not None:
+                grpc_context.set_code(status_of(exc))
+                grpc_context.set_details(str(exc))
+            return pb.EmbedResponse()
+        response = pb.EmbedResponse(dim=self.base.encoder.embed_dim)
+        for rep in reps:
+            e = response.embeddings.add(mean=rep.mean(0).tolist(), length=rep.shape[0])
+            if request.per_residue:
+                e.residues.extend(rep.reshape(-1).tolist())
+        return response
+
+
+def build(args: dict) -> serve.Application:
+    """Application builder for Serve configs: `import_path: serving.app:build`, `args: {...}`."""
+    config = ServiceConfig.from_args(dict(args))
+    return AdapterServer.bind(asdict(config))

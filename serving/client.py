@@ -1,0 +1,98 @@
+"""Command-line client for the gRPC service.
+
+  python -m serving.client predict --adapter sec_str-r16 --sequence MKTAYIAK... [--fasta file] [--target host:port]
+  python -m serving.client list [--target host:port]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from esm_adapters.v1 import adapters_pb2 as pb
+from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
+
+APP_METADATA = (("application", "esm-adapters"),)  # Ray Serve routes gRPC by application name
+
+
+def stub(target: str) -> pb_grpc.AdapterServiceStub:
+    return pb_grpc.AdapterServiceStub(grpc.insecure_channel(target))
+
+
+def predict(target: str, adapter: str, sequences: list[str], probabilities: bool = False,
+            crop: bool = False, timeout: float = 60.0) -> pb.PredictResponse:
+    request = pb.PredictRequest(adapter=adapter, sequences=sequences, residue_probabilities=probabilities, crop=crop)
+    return stub(target).Predict(request, metadata=APP_METADATA, timeout=timeout)
+
+
+def list_adapters(target: str, timeout: float = 30.0) -> pb.ListAdaptersResponse:
+    return stub(target).ListAdapters(pb.ListAdaptersRequest(), metadata=APP_METADATA, timeout=timeout)
+
+
+def read_fasta(path: str) -> list[tuple[str, str]]:
+    records, name, body = [], None, []
+    for line in open(path):
+        line = line.strip()
+        if line.startswith(">"):
+            if name is not None:
+                records.append((name, "".join(body)))
+            name, body = line[1:].split()[0] if line[1:].split() else "", []
+        elif line:
+            body.append(line)
+    if name is not None:
+        records.append((name, "".join(body)))
+    return records
+
+
+def render(response: pb.PredictResponse, names: list[str], sequences: list[str]) -> str:
+    lines = [f"adapter {response.adapter}  task {response.task}  ({response.kind})"]
+    for name, seq, p in zip(names, sequences, response.predictions):
+        lines.append(f">{name}" + ("  (cropped)" if p.cropped else ""))
+        if response.kind == "per_residue":
+            for start in range(0, len(seq), 60):
+                lines += [f"  {seq[start:start + 60]}", f"  {p.labels[start:start + 60]}", ""]
+        elif response.kind == "sequence_class":
+            ranked = sorted(p.probabilities.items(), key=lambda kv: -kv[1])
+            lines.append(f"  {p.label}   " + "  ".join(f"{k}={v:.3f}" for k, v in ranked[:5]))
+        else:
+            lines.append(f"  value = {p.value:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="127.0.0.1:9000")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--sequence", action="append", default=[])
+    p.add_argument("--fasta")
+    p.add_argument("--crop", action="store_true")
+    sub.add_parser("list")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            response = list_adapters(args.target)
+            print(f"base {response.base_name} {response.base_fingerprint[:12]}")
+            for a in response.adapters:
+                metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(a.metrics.items()))
+                print(f"{a.name}@{a.version:<4} {a.status:<8} task={a.task} mode={a.mode} rank={a.rank} {metrics}"
+                      + (f"  reason: {a.reason}" if a.reason else ""))
+            return 0
+        named = [(f"seq{i + 1}", s) for i, s in enumerate(args.sequence)]
+        if args.fasta:
+            named += read_fasta(args.fasta)
+        if not named:
+            parser.error("give --sequence or --fasta")
+        response = predict(args.target, args.adapter, [s for _, s in named], crop=args.crop)
+        print(render(response, [n for n, _ in named], [s.upper()[:1022] for _, s in named]))
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

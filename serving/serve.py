@@ -1,0 +1,110 @@
+"""Start the gRPC service on an embedded single-node Ray and serve until interrupted.
+
+  python -m serving.serve --registry adapters/ --grpc-port 9000 --metrics-port 9100
+
+Prometheus text (our series and Ray Serve's) is on http://HOST:METRICS_PORT/metrics.
+On an existing Ray cluster use `serve deploy serving/serve_config.yaml` instead: same app.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from dataclasses import fields
+
+from serving.app import SERVICER, ServiceConfig
+
+log = logging.getLogger("serving.serve")
+APP_NAME = "esm-adapters"
+
+
+def add_service_flags(parser: argparse.ArgumentParser) -> None:
+    for f in fields(ServiceConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("targets", "merged"):
+            parser.add_argument(flag, help=f"comma-separated (default: {f.default_factory()})")
+        else:
+            parser.add_argument(flag, type=type(f.default) if f.default is not None else str, default=None)
+
+
+def service_args(ns: argparse.Namespace) -> dict:
+    args = {}
+    for f in fields(ServiceConfig):
+        value = getattr(ns, f.name)
+        if value is not None:
+            args[f.name] = [v for v in value.split(",") if v] if f.name in ("targets", "merged") else value
+    return args
+
+
+def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, num_cpus: float = 0.5,
+          num_gpus: float = 0.0, ray_cpus: int | None = None, http_port: int = 0):
+    """Embedded Ray + Serve on loopback; returns once the app is RUNNING (base loaded, warm)."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from serving.app import AdapterServer
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
+    ray.init(num_cpus=ray_cpus or os.cpu_count(), include_dashboard=False, _metrics_export_port=metrics_port,
+             _temp_dir=os.environ.get("ESM_ADAPTERS_RAY_TMP", tempfile.gettempdir() + "/esm-adapters-ray"),
+             namespace=APP_NAME, logging_level=logging.WARNING)
+    serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]),
+                http_options={"host": "127.0.0.1", "port": http_port or 8000})
+    config = ServiceConfig.from_args(args)
+    app = AdapterServer.options(
+        num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        max_ongoing_requests=max(256, 2 * config.max_batch_size)).bind(
+        {f.name: getattr(config, f.name) for f in fields(ServiceConfig)})
+    serve.run(app, name=APP_NAME, route_prefix=None)
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+    serve.shutdown()
+    ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m serving.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grpc-port", type=int, default=9000)
+    parser.add_argument("--metrics-port", type=int, default=9100)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--replica-cpus", type=float, default=1.0)
+    parser.add_argument("--replica-gpus", type=float, default=0.0)
+    add_service_flags(parser)
+    ns = parser.parse_args(argv)
+    args = service_args(ns)
+    try:
+        ServiceConfig.from_args(args)
+    except (TypeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.info("starting: %s", json.dumps(args))
+    start(args, ns.grpc_port, ns.metrics_port, ns.replicas, ns.replica_cpus, ns.replica_gpus)
+    from serving.client import list_adapters
+    adapters = list_adapters(f"127.0.0.1:{ns.grpc_port}")
+    ok = sum(a.status == "ok" for a in adapters.adapters)
+    log.info("serving gRPC on 0.0.0.0:%d (reflection on), metrics on http://127.0.0.1:%d/metrics; "
+             "%d adapter versions found (%d servable)", ns.grpc_port, ns.metrics_port, len(adapters.adapters), ok)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    log.info("shutting down")
+    stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
