@@ -61,7 +61,25 @@ def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, 
         num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         max_ongoing_requests=max(256, 2 * config.max_batch_size)).bind(
         {f.name: getattr(config, f.name) for f in fields(ServiceConfig)})
-    serve.run(app, name=APP_NAME, route_prefix=None)
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    wait_until_routable(f"127.0.0.1:{grpc_port}")
+
+
+def wait_until_routable(target: str, timeout: float = 60.0):
+    """serve.run returns before the gRPC proxy's route table lists the app; wait for it."""
+    import time
+
+    import grpc
+
+    from serving.client import list_adapters
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return list_adapters(target, timeout=10)
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)
 
 
 def stop() -> None:
@@ -90,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("starting: %s", json.dumps(args))
     start(args, ns.grpc_port, ns.metrics_port, ns.replicas, ns.replica_cpus, ns.replica_gpus)
-    from serving.client import list_adapters
-    adapters = list_adapters(f"127.0.0.1:{ns.grpc_port}")
+    adapters = wait_until_routable(f"127.0.0.1:{ns.grpc_port}")
     ok = sum(a.status == "ok" for a in adapters.adapters)
     log.info("serving gRPC on 0.0.0.0:%d (reflection on), metrics on http://127.0.0.1:%d/metrics; "
              "%d adapter versions found (%d servable)", ns.grpc_port, ns.metrics_port, len(adapters.adapters), ok)

@@ -1,0 +1,145 @@
+"""End to end: a real Ray Serve on loopback, called over real gRPC, metrics scraped for real."""
+import concurrent.futures
+import socket
+import time
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bundles import make_bundle
+from conftest import random_sequences, tiny_hf_folder
+from modeling.base import load_base
+from modeling.heads import SEQUENCE_CLASS
+from serving import client, registry as reg, serve as service
+from serving.engine import Engine, EngineConfig
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("service")
+    base_dir = tiny_hf_folder(root / "base")
+    base = load_base(str(base_dir))
+    registry = root / "adapters"
+    make_bundle(base, registry, "ss", rank=4, seed=1)
+    make_bundle(base, registry, "cls", rank=2, kind=SEQUENCE_CLASS, seed=2)
+    make_bundle(base, registry, "toobig", rank=32, seed=3)
+    grpc_port, metrics_port = free_port(), free_port()
+    args = {"registry": str(registry), "base": str(base_dir), "r_max": 8, "max_sequences_per_request": 8,
+            "registry_poll_s": 0.25, "batch_wait_timeout_s": 0.05}
+    service.start(args, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2, http_port=free_port())
+    yield {"target": f"127.0.0.1:{grpc_port}", "metrics": metrics_port, "registry": registry,
+           "base": base, "base_dir": base_dir}
+    service.stop()
+
+
+def expected(server, requests):
+    engine = Engine(load_base(str(server["base_dir"])), server["registry"], EngineConfig(r_max=8))
+    return engine.predict(requests)
+
+
+def code_of(fn) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code(), info.value.details()
+
+
+def test_concurrent_predicts_for_different_adapters_match_each_adapter_alone(server):
+    seqs = random_sequences(12, 10, 60, seed=11)
+    jobs = [("ss", seqs[:6]), ("cls", seqs[6:]), ("ss@1", seqs[6:]), ("cls", seqs[:3])]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(client.predict, server["target"], a, s) for a, s in jobs]
+        responses = [f.result() for f in futures]
+    for (adapter, seqs_), response in zip(jobs, responses):
+        alone = expected(server, [(adapter, s) for s in seqs_])
+        assert response.adapter == alone[0].adapter and len(response.predictions) == len(seqs_)
+        for got, want in zip(response.predictions, alone):
+            if response.kind == "per_residue":
+                assert got.labels == want.labels
+            else:
+                assert got.label == want.label
+                assert got.probabilities[want.label] == pytest.approx(want.probabilities[want.label], abs=1e-4)
+
+
+def test_bad_input_statuses(server):
+    t = server["target"]
+    assert code_of(lambda: client.predict(t, "ss", []))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    code, details = code_of(lambda: client.predict(t, "ss", ["MKT", "MKZJA"]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "sequence 1" in details and "'J'" in details
+    long = "A" * 1100
+    assert code_of(lambda: client.predict(t, "ss", [long]))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    cropped = client.predict(t, "ss", [long], crop=True)
+    assert cropped.predictions[0].cropped and len(cropped.predictions[0].labels) == 1022
+    assert code_of(lambda: client.predict(t, "ss", ["MKT"] * 9))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code_of(lambda: client.predict(t, "missing", ["MKT"]))[0] == grpc.StatusCode.NOT_FOUND
+    code, details = code_of(lambda: client.predict(t, "toobig", ["MKT"]))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "r_max" in details
+    assert code_of(lambda: client.predict(t, "../etc", ["MKT"]))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.predict(t, "ss", ["mktay"]).predictions[0].labels  # still serving
+
+
+def test_hot_add_and_remove_within_two_seconds(server):
+    t = server["target"]
+    make_bundle(server["base"], server["registry"], "late", rank=2, seed=7)
+    start = time.monotonic()
+    while True:
+        try:
+            assert client.predict(t, "late", ["MKTAY"]).adapter == "late@1"
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+            assert time.monotonic() - start < 10, "hot add not noticed"
+            time.sleep(0.1)
+    added_after = time.monotonic() - start
+    reg.remove("late", server["registry"])
+    start = time.monotonic()
+    while True:
+        try:
+            client.predict(t, "late", ["MKTAY"])
+            assert time.monotonic() - start < 10, "hot remove not noticed"
+            time.sleep(0.1)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+            break
+    print(f"hot add visible after {added_after:.2f}s, remove after {time.monotonic() - start:.2f}s")
+
+
+def test_list_adapters_and_reflection(server):
+    listed = client.list_adapters(server["target"])
+    by_name = {a.name: a for a in listed.adapters}
+    assert by_name["ss"].status == "ok" and by_name["ss"].rank == 4
+    assert by_name["toobig"].status == "refused" and "r_max" in by_name["toobig"].reason
+    assert listed.base_fingerprint == server["base"].fingerprint
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(server["target"]))
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    services = {s.name for r in responses for s in r.list_services_response.service}
+    assert "esm_adapters.v1.AdapterService" in services
+
+
+def test_metrics_endpoint(server):
+    client.predict(server["target"], "ss", ["MKTAYIAK"])
+    deadline = time.monotonic() + 30
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server['metrics']}/metrics", timeout=10).read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        requests = families.get("ray_esm_requests")
+        if requests and any(s.labels.get("code") == "NOT_FOUND" for s in requests.samples) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    codes = {(s.labels["adapter"], s.labels["code"]) for s in families["ray_esm_requests"].samples}
+    assert ("ss", "OK") in codes and ("_unknown", "NOT_FOUND") in codes
+    for name in ("ray_esm_request_latency_seconds", "ray_esm_batch_size", "ray_esm_batch_distinct_adapters",
+                 "ray_esm_batch_padding_ratio", "ray_esm_adapter_events", "ray_esm_adapters_resident"):
+        assert name in families, name
+    stages = {s.labels.get("stage") for s in families["ray_esm_request_latency_seconds"].samples}
+    assert {"queue", "model", "total"} <= stages
+    assert any(n.startswith("ray_serve_") for n in families)  # Ray Serve's own series stay
