@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "do_training": True,
     "do_testing": True,
+    "score_val": True,  # score the whole validation split once more at the end (for the manifest)
     "publish": True,
     "trainer": {
         "accelerator": "auto", "devices": "auto", "num_nodes": 1, "strategy": "auto",

@@ -230,7 +230,9 @@ def run(config: dict) -> dict:
         plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", task.metric)
     seconds = time.time() - start
     model.cpu().eval()
-    results = {"val": score(task, data.splits["val"], predict(model, data.splits["val"]), data.scale)}
+    results = {}
+    if config["score_val"]:
+        results["val"] = score(task, data.splits["val"], predict(model, data.splits["val"]), data.scale)
     if config["do_testing"] and splits["test"]:
         results["test"] = score(task, splits["test"], predict(model, splits["test"]), data.scale)
     summary = {"task": task.name, "mode": mode_of(config), "run_dir": str(run_dir),

@@ -1,0 +1,117 @@
+"""gRPC service benchmark: a locally started service over loopback. Prints one JSON object.
+
+  python -m bench.grpc [--requests 96] [--base ...]
+
+Single-sequence Predict requests (real FLIP sequences, 50-500 residues, fixed seed) at
+concurrency 1, 8 and 64, with 1 and with 64 adapters in the traffic; throughput, p50/p95/p99
+latency and errors. The engine's own figures for the same traffic, measured in this run, give the
+ratios: `c64_mixed64_over_engine` (service / engine throughput) and `p50_c1_over_engine_ms`
+(service p50 at concurrency 1 minus the engine's latency for that same request).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from bench.engine import publish_random_adapters, sequences
+from modeling.base import load_base
+from serving import client
+from serving import serve as service
+from serving.engine import Engine, EngineConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def load(target: str, requests: list[tuple[str, str]], concurrency: int) -> dict:
+    latencies, errors = [], 0
+
+    def one(req):
+        start = time.perf_counter()
+        try:
+            client.predict(target, req[0], [req[1]], timeout=300)
+            return time.perf_counter() - start, None
+        except grpc.RpcError as exc:
+            return time.perf_counter() - start, exc.code().name
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        for seconds, error in pool.map(one, requests):
+            latencies.append(seconds)
+            errors += error is not None
+    wall = time.perf_counter() - start
+    residues = sum(len(s) for _, s in requests)
+    return {"sequences_per_s": round(len(requests) / wall, 2), "residues_per_s": round(residues / wall, 1),
+            "p50_ms": round(percentile(latencies, 50) * 1000, 1), "p95_ms": round(percentile(latencies, 95) * 1000, 1),
+            "p99_ms": round(percentile(latencies, 99) * 1000, 1), "errors": errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--base")
+    args = parser.parse_args()
+    base = load_base(args.base)
+    seqs = sequences(args.requests, seed=0)
+    out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, device cpu", "base": base.name,
+                 "requests_per_level": args.requests}
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = Path(tmp) / "adapters"
+        names = publish_random_adapters(base, registry, 64, 16)
+        traffic = {1: [(names[0], s) for s in seqs], 64: [(names[i % 64], s) for i, s in enumerate(seqs)]}
+
+        engine = Engine(load_base(args.base), registry, EngineConfig(r_max=16, max_batch_size=64))
+        engine.predict(traffic[64][:64])  # warm and load every adapter
+        start = time.perf_counter()
+        for i in range(0, len(seqs), 64):
+            engine.predict(traffic[64][i:i + 64])
+        engine_tput = len(seqs) / (time.perf_counter() - start)
+        single = []
+        for req in traffic[1][:16]:
+            start = time.perf_counter()
+            engine.predict([req])
+            single.append(time.perf_counter() - start)
+        out["engine"] = {"mixed64_sequences_per_s": round(engine_tput, 2),
+                         "single_p50_ms": round(statistics.median(single) * 1000, 1)}
+        del engine
+
+        grpc_port, metrics_port = free_port(), free_port()
+        service.start({"registry": str(registry), "base": args.base, "max_batch_size": 64,
+                       "batch_wait_timeout_s": 0.005}, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2,
+                      http_port=free_port())
+        target = f"127.0.0.1:{grpc_port}"
+        try:
+            load(target, traffic[64][:64], 64)  # warm: every adapter loaded on the replica
+            for adapters in (1, 64):
+                for concurrency in (1, 8, 64):
+                    requests = traffic[adapters] if concurrency > 1 else traffic[adapters][:16]
+                    out[f"c{concurrency}_adapters{adapters}"] = load(target, requests, concurrency)
+        finally:
+            service.stop()
+    single_ms = [out["engine"]["single_p50_ms"]]
+    out["errors"] = sum(v["errors"] for k, v in out.items() if k.startswith("c") and isinstance(v, dict))
+    out["c64_mixed64_over_engine"] = round(out["c64_adapters64"]["sequences_per_s"] / out["engine"]["mixed64_sequences_per_s"], 3)
+    out["p50_c1_over_engine_ms"] = round(out["c1_adapters1"]["p50_ms"] - single_ms[0], 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The Serve config file must validate against Ray's own schema and build our app."""
+from pathlib import Path
+
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serving.app import SERVICER, ServiceConfig, build
+
+CONFIG = Path(__file__).resolve().parent.parent / "serving" / "serve_config.yaml"
+
+
+def test_serve_config_is_valid_and_builds_the_app():
+    data = yaml.safe_load(CONFIG.read_text())
+    schema = ServeDeploySchema.parse_obj(data)
+    app = schema.applications[0]
+    assert app.import_path == "serving.app:build"
+    assert data["grpc_options"]["grpc_servicer_functions"] == [SERVICER]
+    assert set(app.args) <= set(ServiceConfig.__dataclass_fields__)
+    assert build(app.args) is not None  # the import path resolves and accepts the args
+    deployment = app.deployments[0]
+    assert deployment.max_ongoing_requests >= app.args["max_batch_size"]
+
+
+def test_unknown_service_option_is_an_error():
+    import pytest
+    with pytest.raises(ValueError, match="unknown service options"):
+        build({"registery": "x"})
