@@ -42,7 +42,7 @@ class ServiceConfig:
     device: str = "auto"
     max_batch_size: int = 64
     batch_wait_timeout_s: float = 0.005
-    max_batch_residues: int = 32768
+    max_batch_residues: int | None = None  # None = by device (2048 on CPU, 65536 on GPU)
     max_sequences_per_request: int = 256
     max_residues_per_request: int = 262144
     registry_poll_s: float = 0.5

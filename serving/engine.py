@@ -7,7 +7,6 @@ running batch is never evicted) <- CPU cache (LRU of verified, rank-padded tenso
 """
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -20,6 +19,7 @@ from torch import nn
 from modeling import bundle as bundles
 from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise, tokenize
 from modeling.base import Base
+from modeling.encoder import EsmEncoder
 from modeling.heads import PER_RESIDUE, REGRESSION, HeadSpec, build_head, residues
 from modeling.lora import ATTENTION_TARGETS, PEFT_PREFIX
 from serving.multilora import MultiLoraLinear, SlotContext, wrap_targets
@@ -128,7 +128,9 @@ class EngineConfig:
     max_device_adapters: int = 64
     max_cpu_adapters: int = 256
     max_batch_size: int = 64
-    max_batch_residues: int = 16384
+    # Padded residues per forward pass. None = by device: on CPU small batches are faster (the
+    # (B*heads, T, T) attention tensors fall out of cache; bench/engine.py measures it), on GPU large.
+    max_batch_residues: int | None = None
     targets: tuple[str, ...] = ATTENTION_TARGETS
     merged: tuple[str, ...] = ()  # adapter names always served from a merged copy
     merge_top_k: int = 0  # also merge the K adapters with the most traffic
@@ -158,8 +160,9 @@ class Engine:
         self.config = config or EngineConfig()
         self.base = base
         self.device = torch.device(self.config.device)
+        if self.config.max_batch_residues is None:
+            self.config.max_batch_residues = 2048 if self.device.type == "cpu" else 65536
         self.fingerprint = base.fingerprint
-        self._clean = copy.deepcopy(base.encoder)  # unwrapped base, the source of merged copies
         self.encoder = base.encoder.to(self.device).eval()
         self.context = SlotContext()
         self.layers = wrap_targets(self.encoder, self.config.targets, self.config.max_device_adapters + 1,
@@ -277,9 +280,15 @@ class Engine:
                 self.slots.drop(ref)
 
     # ---- merged mode -------------------------------------------------------------------------
+    def base_state(self) -> dict[str, torch.Tensor]:
+        """The shared base's own weights (the wrapped Linears' originals, no LoRA buffers)."""
+        return {k.replace(".base.", "."): v for k, v in self.encoder.state_dict().items() if ".lora_" not in k}
+
     def merged_encoder(self, adapter: LoadedAdapter) -> nn.Module:
         """A dedicated copy with W + s·B·A (and s·bias) folded in; the shared base is untouched."""
-        merged = copy.deepcopy(self._clean).to(self.device).eval()
+        merged = EsmEncoder(self.base.encoder.shape)
+        merged.load_state_dict(self.base_state())  # a copy: the shared weights stay untouched
+        merged = merged.to(self.device).eval()
         modules = dict(merged.named_modules())
         with torch.no_grad():
             for path, (a, b, bias) in self._lora_tensors(adapter).items():
@@ -378,17 +387,32 @@ class Engine:
                                 self._event("eviction", "device", 0.0)
                             acquired.append(ad.ref)
                         batch.append(item)
-                self._run(batch, self.encoder, results, slots=True)
+                if batch:
+                    self._run(batch, self.encoder, results, slots=True)
+                else:  # every slot held by other running batches: fail this one, never evict in use
+                    results[pending[0].index] = NoFreeSlot("no free adapter slot; retry")
+                    batch = pending[:1]
             finally:
                 with self._lock:
                     for ref in acquired:
                         self.slots.release(ref)
             pending = pending[len(batch):]
 
+    def _chunks(self, items: list[_Item]):
+        """Length-sorted batches bounded by max_batch_size and max_batch_residues (padded)."""
+        batch: list[_Item] = []
+        for item in sorted(items, key=lambda it: len(it.sequence)):
+            padded = (len(batch) + 1) * (len(item.sequence) + 2)
+            if batch and (len(batch) >= self.config.max_batch_size or padded > self.config.max_batch_residues):
+                yield batch
+                batch = []
+            batch.append(item)
+        if batch:
+            yield batch
+
     @torch.no_grad()
     def _run(self, items: list[_Item], encoder: nn.Module, results: list, slots: bool = False) -> None:
-        for start in range(0, len(items), self.config.max_batch_size):
-            chunk = items[start:start + self.config.max_batch_size]
+        for chunk in self._chunks(items):
             start = time.perf_counter()
             tokens = tokenize([it.sequence for it in chunk]).to(self.device)
             with self._forward:
@@ -435,9 +459,7 @@ class Engine:
         return out  # type: ignore[return-value]
 
     def _run_onnx(self, items: list[_Item], model, results: list) -> None:
-        items = sorted(items, key=lambda it: len(it.sequence))
-        for start in range(0, len(items), self.config.max_batch_size):
-            chunk = items[start:start + self.config.max_batch_size]
+        for chunk in self._chunks(items):
             start = time.perf_counter()
             tokens = tokenize([it.sequence for it in chunk])
             out = model(tokens).float()

@@ -167,11 +167,13 @@ def test_shared_base_is_never_modified(tiny_base_dir, registry):
     base = load_base(str(tiny_base_dir))
     make_bundle(base, registry, "hot")
     engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8, merge_top_k=1))
-    before = {k: v.clone() for k, v in engine._clean.state_dict().items()}
+    pristine = load_base(str(tiny_base_dir)).encoder.state_dict()
     engine.predict([("hot", "MKTAYIAK")] * 3)
     assert "hot@1" in engine.merged
     for name, layer in engine.layers.items():
-        assert torch.equal(layer.base.weight, before[f"{name}.weight"])
+        assert torch.equal(layer.base.weight, pristine[f"{name}.weight"])
+    merged = dict(engine.merged["hot@1"].named_parameters())
+    assert not torch.equal(merged["layers.0.self_attn.q_proj.weight"], pristine["layers.0.self_attn.q_proj.weight"])
 
 
 def test_onnx_export_agrees_with_the_unmerged_path(tiny_base_dir, registry, tmp_path):
