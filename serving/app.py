@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class ServiceConfig:
     max_sequences_per_request: int = 256
     max_residues_per_request: int = 262144
     registry_poll_s: float = 0.5
+    torch_threads: int | None = None  # None = Ray's default (the replica's num_cpus); 0 = every core
 
     @classmethod
     def from_args(cls, args: dict) -> "ServiceConfig":
@@ -83,6 +85,8 @@ class AdapterServer:
         device = self.config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.config.torch_threads is not None:  # Ray pins OMP threads to num_cpus (1 for 0.5)
+            torch.set_num_threads(self.config.torch_threads or os.cpu_count())
         self.base = load_base(self.config.base)
         self.engine = Engine(self.base, Path(self.config.registry), EngineConfig(
             r_max=self.config.r_max, max_device_adapters=self.config.max_device_adapters,

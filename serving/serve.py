@@ -56,6 +56,7 @@ def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, 
              namespace=APP_NAME, logging_level=logging.WARNING)
     serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]),
                 http_options={"host": "127.0.0.1", "port": http_port or 8000})
+    args = {"torch_threads": 0, **args}  # a local single-node service may use every core
     config = ServiceConfig.from_args(args)
     app = AdapterServer.options(
         num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
