@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 
 from pathlib import Path
@@ -55,7 +56,12 @@ def serve_and_call() -> None:
         predict = ["predict", "--adapter", NAME] + [a for s in SEQUENCES for a in ("--sequence", s)]
         print(f"\n$ python -m serving.client predict --adapter {NAME} --sequence ... --sequence ...", flush=True)
         subprocess.run(command + predict, check=True)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+        deadline = time.monotonic() + 15  # Ray's metrics agent exports every couple of seconds
+        while True:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+            if "ray_esm_requests_total{" in text or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         print("\nA few metric lines (full set: curl http://127.0.0.1:%d/metrics):" % METRICS_PORT)
         for line in text.splitlines():
             if line.startswith(("ray_esm_requests_total", "ray_esm_adapters_resident", "ray_esm_batch_size_count")):

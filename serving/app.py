@@ -118,6 +118,7 @@ class AdapterServer:
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(None, self.engine.predict, [item[:3] for item in items])
         self.metrics.latency.observe(time.perf_counter() - started, tags={"stage": "model"})
+        self.metrics.set_tiers(self.engine.tiers())
         return results
 
     # ---- RPCs ------------------------------------------------------------------------------
