@@ -51,6 +51,10 @@ def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, 
     from serving.app import AdapterServer
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
+    # Serve's proxy readiness check (5 s by default) fails on a busy 2-core machine and the
+    # controller then kills the proxy; give it room. Inherited by the processes ray.init starts.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
     ray.init(num_cpus=ray_cpus or os.cpu_count(), include_dashboard=False, _metrics_export_port=metrics_port,
              _temp_dir=os.environ.get("ESM_ADAPTERS_RAY_TMP", tempfile.gettempdir() + "/esm-adapters-ray"),
              namespace=APP_NAME, logging_level=logging.WARNING)
