@@ -133,7 +133,7 @@ before = rss_mb()  # the bare base: everything the engine adds for adapters coun
 engine = Engine(base, registry, EngineConfig(**config))
 for name in names:
     adapter = engine.load(name)
-    engine.slots.acquire(adapter.ref, lambda s, a=adapter: engine._to_slot(a, s))
+    engine._acquire(adapter)
     engine.slots.release(adapter.ref)
 gc.collect()
 print(json.dumps({"registered": len(engine.registry.entries()), "delta_mb": rss_mb() - before,
@@ -197,7 +197,7 @@ def main() -> None:
         for name in cold:
             start = time.perf_counter()
             adapter = engine.load(name)
-            engine.slots.acquire(adapter.ref, lambda s, a=adapter: engine._to_slot(a, s))
+            engine._acquire(adapter)
             engine.slots.release(adapter.ref)
             times.append((time.perf_counter() - start) * 1000)
         out["adapter_load_ms"] = round(statistics.median(times), 2)

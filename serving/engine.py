@@ -366,37 +366,41 @@ class Engine:
         return results  # type: ignore[return-value]
 
     def _run_shared(self, items: list[_Item], results: list) -> None:
-        pending = sorted(items, key=lambda it: len(it.sequence))
+        """Run batches through the shared encoder, holding a device slot for every adapter in the
+        batch while it runs (reference counts keep those slots from being evicted)."""
+        pending = list(items)
         while pending:
+            chunk = next(self._chunks(pending))
             acquired: list[str] = []
-            batch: list[_Item] = []
+            ready: list[_Item] = []
             try:
                 with self._lock:
-                    for item in pending:
-                        if len(batch) >= self.config.max_batch_size or \
-                                (len(batch) + 1) * (len(item.sequence) + 2) > self.config.max_batch_residues and batch:
-                            break
-                        ad = item.adapter
-                        if ad.has_lora:
-                            evictions = self.slots.evictions
+                    for item in chunk:
+                        if item.adapter.has_lora:
                             try:
-                                item.slot = self.slots.acquire(ad.ref, lambda s, ad=ad: self._to_slot(ad, s))
+                                item.slot = self._acquire(item.adapter)
                             except NoFreeSlot:
-                                break
-                            if self.slots.evictions > evictions:
-                                self._event("eviction", "device", 0.0)
-                            acquired.append(ad.ref)
-                        batch.append(item)
-                if batch:
-                    self._run(batch, self.encoder, results, slots=True)
+                                break  # run what has slots; the rest waits for the next round
+                            acquired.append(item.adapter.ref)
+                        ready.append(item)
+                if ready:
+                    self._run(ready, self.encoder, results, slots=True)
                 else:  # every slot held by other running batches: fail this one, never evict in use
-                    results[pending[0].index] = NoFreeSlot("no free adapter slot; retry")
-                    batch = pending[:1]
+                    results[chunk[0].index] = NoFreeSlot("no free adapter slot; retry")
+                    ready = chunk[:1]
             finally:
                 with self._lock:
                     for ref in acquired:
                         self.slots.release(ref)
-            pending = pending[len(batch):]
+            done = {id(item) for item in ready}
+            pending = [item for item in pending if id(item) not in done]
+
+    def _acquire(self, adapter: LoadedAdapter) -> int:
+        evictions = self.slots.evictions
+        slot = self.slots.acquire(adapter.ref, lambda s: self._to_slot(adapter, s))
+        if self.slots.evictions > evictions:
+            self._event("eviction", "device", 0.0)
+        return slot
 
     def _chunks(self, items: list[_Item]):
         """Length-sorted batches bounded by max_batch_size and max_batch_residues (padded)."""

@@ -17,6 +17,8 @@ def test_flags_and_dotted_overrides():
     spec = lora_spec(config)
     assert (spec.rank, spec.layers, spec.targets) == (8, [0, 2], ["q_proj", "k_proj", "v_proj"])
     assert default_name(config) == "scl-r8"
+    tied = lora_spec(parse_args(["--adapter-dim", "4", "--tie", "--position-embedding", "add"]))
+    assert (tied.rank, tied.tie, tied.position_embedding) == (4, True, "add")
 
 
 def test_bionemo_keys_as_overrides():

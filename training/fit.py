@@ -61,10 +61,11 @@ def parse_args(argv: list[str]) -> dict:
     parser.add_argument("--config", help="yaml file (BioNeMo-style keys accepted)")
     parser.add_argument("--mode", choices=("lora", "frozen", "full"),
                         help="lora (default): adapters + head; frozen: head only; full: everything")
-    parser.add_argument("--adapter-dim", dest="rank", help="alias of --rank (BioNeMo's name)")
-    for flag in FLAGS:
-        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None if flag != "rank" else argparse.SUPPRESS,
-                            help=f"sets {FLAGS[flag]}" + (" (comma-separated)" if flag in LIST_FLAGS else ""))
+    for flag, key in FLAGS.items():
+        names = ["--" + flag.replace("_", "-")] + (["--adapter-dim"] if flag == "rank" else [])  # BioNeMo's name
+        extra = {"nargs": "?", "const": "true"} if flag == "tie" else {}  # bare --tie means true
+        parser.add_argument(*names, dest=flag, help=f"sets {key}" + (" (comma-separated)" if flag in LIST_FLAGS else ""),
+                            **extra)
     parser.add_argument("--no-publish", action="store_true", help="train and evaluate only")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
@@ -75,8 +76,6 @@ def parse_args(argv: list[str]) -> dict:
             continue
         if flag in LIST_FLAGS:
             value = "[" + value + "]"
-        if flag == "tie" and value == "":
-            value = "true"
         overrides.append(f"{key}={value}")
     if args.no_publish:
         overrides.append("publish=false")
