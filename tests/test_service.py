@@ -123,6 +123,11 @@ def test_list_adapters_and_reflection(server):
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     services = {s.name for r in responses for s in r.list_services_response.service}
     assert "esm_adapters.v1.AdapterService" in services
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+    serve_api = serve_pb2_grpc.RayServeAPIServiceStub(grpc.insecure_channel(server["target"]))
+    assert serve_api.Healthz(serve_pb2.HealthzRequest(), timeout=10).message == "success"
+    apps = serve_api.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=10)
+    assert "esm-adapters" in apps.application_names
 
 
 def test_metrics_endpoint(server):
