@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import platform
@@ -27,7 +26,7 @@ from modeling.alphabet import tokenize
 from modeling.base import load_base
 from modeling.heads import HeadSpec, PER_RESIDUE
 from modeling.lora import LoraSpec, add_lora, export_adapter
-from modeling.model import TaskModel, lora_config_from_json
+from modeling.model import TaskModel
 from serving.engine import Engine, EngineConfig
 from training.data import load_splits
 from training.tasks import TASKS

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from modeling.base import Base
 from modeling.encoder import EsmEncoder
 from modeling.heads import PER_RESIDUE, REGRESSION, HeadSpec, build_head, residues
 from modeling.lora import ATTENTION_TARGETS, PEFT_PREFIX
-from serving.multilora import MultiLoraLinear, SlotContext, wrap_targets
+from serving.multilora import SlotContext, wrap_targets
 from serving.registry import AdapterRefused, Registry
 
 

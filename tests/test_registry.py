@@ -5,7 +5,6 @@ import pytest
 
 from bundles import make_bundle
 from modeling import bundle as bundles
-from modeling.base import load_base
 from serving import registry as reg
 from serving.engine import manifest_checker
 
