@@ -17,6 +17,8 @@ import tempfile
 import threading
 from dataclasses import fields
 
+import yaml
+
 from serving.app import SERVICER, ServiceConfig
 
 log = logging.getLogger("serving.serve")
@@ -29,7 +31,9 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in ("targets", "merged"):
             parser.add_argument(flag, help=f"comma-separated (default: {f.default_factory()})")
         else:
-            parser.add_argument(flag, type=type(f.default) if f.default is not None else str, default=None)
+            # Optional fields (default None) may hold numbers too: parse their values as YAML.
+            parse = type(f.default) if f.default is not None else yaml.safe_load
+            parser.add_argument(flag, type=parse, default=None)
 
 
 def service_args(ns: argparse.Namespace) -> dict:

@@ -125,9 +125,10 @@ def read_csv(path: Path, task: Task) -> list[Record]:
 
 def read_fasta(path: Path, task: Task) -> list[Record]:
     records = []
-    if not path.read_text().strip():
+    text = path.read_text()
+    if not text.strip():
         raise DataError(f"{path}: empty file")
-    for header, body in fasta_entries(path.read_text()):
+    for header, body in fasta_entries(text):
         rid, fields = parse_header(header)
         if "TARGET" not in fields:
             raise DataError(f"{path}: record {rid} has no TARGET= in its header")
