@@ -1,8 +1,11 @@
 """End to end: a real Ray Serve on loopback, called over real gRPC, metrics scraped for real."""
 import concurrent.futures
+import json
+import re
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,6 +18,7 @@ from modeling.heads import SEQUENCE_CLASS
 from serving import client, registry as reg, serve as service
 from serving.engine import Engine, EngineConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -148,3 +152,9 @@ def test_metrics_endpoint(server):
     stages = {s.labels.get("stage") for s in families["ray_esm_request_latency_seconds"].samples}
     assert {"queue", "model", "total"} <= stages
     assert any(n.startswith("ray_serve_") for n in families)  # Ray Serve's own series stay
+    # The chart's Grafana dashboard queries only series that exist.
+    dashboard = json.loads((ROOT / "helm" / "esm-adapters" / "files" / "dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\b(ray_[a-z_]+)\b", target["expr"])}
+    exported = {sample.name for family in families.values() for sample in family.samples}
+    assert queried and queried <= exported, queried - exported

@@ -1,0 +1,121 @@
+{{/* Names: <release>-esm-adapters unless the release already says it. */}}
+{{- define "esm.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "esm.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "esm.labels" -}}
+{{ include "esm.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "esm.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag }}
+{{- end -}}
+
+{{- define "esm.registryClaim" -}}
+{{- .Values.registry.existingClaim | default (printf "%s-registry" (include "esm.fullname" .)) -}}
+{{- end -}}
+
+{{/* Volumes every pod of ours mounts: the registry, the weights cache, scratch, secrets. */}}
+{{- define "esm.volumes" -}}
+- name: registry
+  persistentVolumeClaim:
+    claimName: {{ include "esm.registryClaim" . }}
+- name: models
+  {{- if .Values.model.cache.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.model.cache.existingClaim }}
+  {{- else }}
+  emptyDir: {}
+  {{- end }}
+- name: tmp
+  emptyDir: {}
+- name: dshm
+  emptyDir:
+    medium: Memory
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- if .Values.auth.enabled }}
+- name: auth
+  secret:
+    secretName: {{ .Values.auth.secretName }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.auth.secretKey }}
+        path: token
+{{- end }}
+{{- end -}}
+
+{{/* readOnly: the service never writes into the registry; only training and `push` do. */}}
+{{- define "esm.volumeMounts" -}}
+- name: registry
+  mountPath: {{ .Values.registry.mountPath }}
+  {{- if .readOnlyRegistry }}
+  readOnly: true
+  {{- end }}
+- name: models
+  mountPath: {{ .Values.model.cache.mountPath }}
+- name: tmp
+  mountPath: /tmp
+- name: dshm
+  mountPath: /dev/shm
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/esm-adapters/tls
+  readOnly: true
+{{- end }}
+{{- if .Values.auth.enabled }}
+- name: auth
+  mountPath: /etc/esm-adapters/auth
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "esm.env" -}}
+- name: HF_HOME
+  value: {{ printf "%s/huggingface" .Values.model.cache.mountPath | quote }}
+{{- if not .Values.model.baked }}
+- name: TORCH_HOME
+  value: {{ printf "%s/torch" .Values.model.cache.mountPath | quote }}
+{{- end }}
+- name: HOME
+  value: /tmp
+- name: MPLCONFIGDIR
+  value: /tmp/matplotlib
+{{- if .Values.tls.enabled }}
+- name: ESM_ADAPTERS_TLS_CERT_FILE
+  value: /etc/esm-adapters/tls/tls.crt
+- name: ESM_ADAPTERS_TLS_KEY_FILE
+  value: /etc/esm-adapters/tls/tls.key
+{{- end }}
+{{- if .Values.auth.enabled }}
+- name: ESM_ADAPTERS_AUTH_TOKEN_FILE
+  value: /etc/esm-adapters/auth/token
+{{- end }}
+{{- end -}}
+
+{{- define "esm.podSpecCommon" -}}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.image.pullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . }}
+  {{- end }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,268 @@
+"""The Helm chart, rendered by the real `helm` binary and checked against the real schemas.
+
+Kubernetes objects: the schemas `kubernetes-validate` ships (strict: unknown fields fail).
+RayService: the openAPIV3Schema of KubeRay's CRD (tests/k8s/), with unknown fields refused the way
+the API server's strict field validation refuses them. ServiceMonitor / PodMonitor: the JSON schema
+of the models generated from the Prometheus operator's CRDs (cloudcoil-models-prometheus-operator).
+The serve config inside the RayService is checked against Ray's own schema and against our code.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "esm-adapters"
+KUBERNETES_VERSION = "1.37.0"
+EVERYTHING_ON = ("trainingJob.enabled=true,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,"
+                 "metrics.grafanaDashboard.enabled=true,tls.enabled=true,tls.secretName=t,"
+                 "auth.enabled=true,auth.secretName=a,model.cache.existingClaim=weights,registry.existingClaim=reg")
+VALUE_SETS = {
+    "default": [],
+    "production-gpu": ["-f", str(ROOT / "helm" / "values" / "production-gpu.yaml")],
+    "cpu-kind": ["-f", str(ROOT / "helm" / "values" / "cpu-kind.yaml")],
+    "everything-on": ["--set", EVERYTHING_ON],
+}
+
+
+def helm_binary() -> str:
+    found = shutil.which("helm") or shutil.which("helm", path=str(Path(sys.prefix) / "bin"))
+    if not found:
+        pytest.fail("no helm binary: run `python helm/install_helm.py` (make test does)")
+    return found
+
+
+def helm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120)
+
+
+@lru_cache
+def render(values_set: str) -> list[dict]:
+    out = helm("template", "esm", str(CHART), "--namespace", "proteins", *VALUE_SETS[values_set])
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def only(docs: list[dict], kind: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def refuse_unknown_fields(node):
+    """Objects with declared properties accept no others (what `kubectl apply` does by default)."""
+    if isinstance(node, dict):
+        if "properties" in node and "additionalProperties" not in node \
+                and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node["additionalProperties"] = False
+        for value in node.values():
+            refuse_unknown_fields(value)
+    elif isinstance(node, list):
+        for value in node:
+            refuse_unknown_fields(value)
+    return node
+
+
+@lru_cache
+def crd_validators() -> dict[tuple[str, str], jsonschema.Validator]:
+    validators = {}
+    crd = yaml.safe_load((ROOT / "tests" / "k8s" / "ray.io_rayservices.yaml").read_text())
+    for version in crd["spec"]["versions"]:
+        schema = refuse_unknown_fields(version["schema"]["openAPIV3Schema"])
+        validators[(f"ray.io/{version['name']}", crd["spec"]["names"]["kind"])] = jsonschema.Draft7Validator(schema)
+    from cloudcoil.models.prometheus_operator import v1 as prometheus
+    for kind in ("ServiceMonitor", "PodMonitor"):
+        schema = refuse_unknown_fields(getattr(prometheus, kind).model_json_schema(by_alias=True))
+        validators[("monitoring.coreos.com/v1", kind)] = jsonschema.Draft202012Validator(schema)
+    return validators
+
+
+def schema_errors(doc: dict) -> list[str]:
+    validator = crd_validators().get((doc["apiVersion"], doc["kind"]))
+    if validator is not None:
+        return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{'/'.join(map(str, exc.path))}: {exc.message}"]
+    return []
+
+
+def serve_config(docs: list[dict]) -> dict:
+    return yaml.safe_load(only(docs, "RayService")["spec"]["serveConfigV2"])
+
+
+def pod_specs(docs: list[dict]) -> dict[str, dict]:
+    cluster = only(docs, "RayService")["spec"]["rayClusterConfig"]
+    specs = {"head": cluster["headGroupSpec"]["template"]["spec"]}
+    for group in cluster["workerGroupSpecs"]:
+        specs[group["groupName"]] = group["template"]["spec"]
+    for job in (d for d in docs if d["kind"] == "Job"):
+        specs["job"] = job["spec"]["template"]["spec"]
+    return specs
+
+
+@pytest.mark.parametrize("values_set", VALUE_SETS)
+def test_lint_is_clean(values_set):
+    out = helm("lint", "--strict", str(CHART), *VALUE_SETS[values_set])
+    assert out.returncode == 0 and "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("values_set", VALUE_SETS)
+def test_every_object_matches_its_schema(values_set):
+    docs = render(values_set)
+    kinds = {d["kind"] for d in docs}
+    assert {"RayService", "PersistentVolumeClaim", "Service"} <= kinds or values_set == "everything-on"
+    for doc in docs:
+        assert not schema_errors(doc), (doc["kind"], schema_errors(doc))
+
+
+def test_schemas_catch_mistakes():
+    """The validators above are not vacuous: a typo'd field and a wrong type are both caught."""
+    service = only(render("default"), "RayService")
+    typo = json.loads(json.dumps(service))
+    typo["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplica"] = 1
+    assert any("minReplica" in e for e in schema_errors(typo))
+    wrong_type = json.loads(json.dumps(service))
+    wrong_type["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"][0][
+        "containerPort"] = "six"
+    assert schema_errors(wrong_type)
+    pvc = only(render("default"), "PersistentVolumeClaim")
+    pvc["spec"]["acessModes"] = pvc["spec"].pop("accessModes")
+    assert schema_errors(pvc)
+
+
+@pytest.mark.parametrize("values_set", VALUE_SETS)
+def test_serve_config_runs_our_app_with_options_the_code_accepts(values_set):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import SERVICER, ServiceConfig
+    docs = render(values_set)
+    config = serve_config(docs)
+    schema = ServeDeploySchema.parse_obj(config)
+    (app,) = schema.applications
+    module, attr = app.import_path.split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert builder(app.args) is not None  # the module path exists and accepts exactly these args
+    assert set(app.args) <= {f.name for f in fields(ServiceConfig)}
+    for path in config["grpc_options"]["grpc_servicer_functions"]:
+        module, _, attr = path.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), attr))
+    assert config["grpc_options"]["grpc_servicer_functions"] == [SERVICER]
+    (deployment,) = app.deployments
+    assert deployment.name == "AdapterServer"
+    assert deployment.max_ongoing_requests >= app.args["max_batch_size"]
+    ray_service = only(docs, "RayService")
+    import ray
+    assert ray_service["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+    # The registry the app reads is the one every Ray pod mounts.
+    for name, spec in pod_specs(docs).items():
+        mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts["registry"]["mountPath"] == app.args["registry"], name
+
+
+@pytest.mark.parametrize("values_set", VALUE_SETS)
+def test_gpus_flow_from_values_to_replicas_and_pods(values_set):
+    docs = render(values_set)
+    (deployment,) = serve_config(docs)["applications"][0]["deployments"]
+    gpus = deployment["ray_actor_options"]["num_gpus"]
+    cluster = only(docs, "RayService")["spec"]["rayClusterConfig"]
+    (workers,) = cluster["workerGroupSpecs"]
+    limit = workers["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)
+    assert limit >= gpus  # a replica fits on one worker
+    assert (limit > 0) == (values_set != "cpu-kind")
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica on the head
+
+
+@pytest.mark.parametrize("values_set", VALUE_SETS)
+def test_pods_are_locked_down(values_set):
+    for name, spec in pod_specs(render(values_set)).items():
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0, name
+        for container in spec["containers"]:
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False, name
+            assert security["readOnlyRootFilesystem"] is True, name
+            assert security["capabilities"]["drop"] == ["ALL"], name
+            assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"], name
+            assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}, name  # Ray's only writes
+    specs = pod_specs(render(values_set))
+    worker_mounts = {m["name"]: m for m in next(s for n, s in specs.items() if n not in ("head", "job"))[
+        "containers"][0]["volumeMounts"]}
+    assert worker_mounts["registry"].get("readOnly") is True  # replicas never write the registry
+
+
+def test_secrets_are_mounted_where_the_service_is_told_to_look():
+    docs = render("everything-on")
+    for name, spec in pod_specs(docs).items():
+        container = spec["containers"][0]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert env["ESM_ADAPTERS_TLS_CERT_FILE"].startswith(mounts["tls"] + "/"), name
+        assert env["ESM_ADAPTERS_AUTH_TOKEN_FILE"] == mounts["auth"] + "/token", name
+        assert volumes["tls"]["secret"]["secretName"] == "t" and volumes["auth"]["secret"]["secretName"] == "a"
+        assert volumes["registry"]["persistentVolumeClaim"]["claimName"] == "reg"
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]  # existing claim: none created
+
+
+@pytest.mark.parametrize("values_set", ["production-gpu", "everything-on"])
+def test_training_job_runs_a_command_training_accepts(values_set):
+    from training.fit import parse_args
+    job = only(render(values_set), "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python3", "-m", "training.fit"]
+    config = parse_args(container["args"])  # raises on an unknown flag or key
+    registry_mount = {m["name"]: m for m in container["volumeMounts"]}["registry"]
+    assert config["registry"] == registry_mount["mountPath"] and not registry_mount.get("readOnly")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+
+
+def test_values_schema_matches_the_code():
+    from modeling.lora import ALL_TARGETS
+    from serving.app import ServiceConfig
+    from training.tasks import TASKS
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    service = schema["properties"]["service"]["properties"]
+    assert set(service) | {"registry", "base"} == {f.name for f in fields(ServiceConfig)}
+    assert set(service["targets"]["items"]["enum"]) == set(ALL_TARGETS)
+    assert set(schema["properties"]["trainingJob"]["properties"]["task"]["enum"]) == set(TASKS)
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(defaults) == set(schema["properties"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("service.registery=x", "registery"),
+    ("service.max_batch_size=0", "max_batch_size"),
+    ("workers.gpus=-1", "gpus"),
+    ("tls.enabled=true", "secretName"),
+    ("image.pullPolicy=Sometimes", "pullPolicy"),
+    ("trainingJob.task=folding", "task"),
+])
+def test_wrong_values_fail_at_install(bad, message):
+    out = helm("template", "esm", str(CHART), "--set", bad)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+def test_notes_tell_how_to_call_predict_and_upload():
+    out = helm("install", "esm", str(CHART), "--dry-run=client", "--namespace", "proteins")
+    assert out.returncode == 0, out.stderr
+    notes = out.stdout.split("NOTES:", 1)[1]
+    assert "port-forward svc/esm-esm-adapters-grpc 9000:9000" in notes
+    assert "python -m serving.registry push" in notes and "kubectl -n proteins cp" in notes
+
+
+def test_grafana_dashboard_is_shipped_whole():
+    """The ConfigMap carries files/dashboard.json; test_service checks its series against a live scrape."""
+    dashboard = json.loads(next(iter(only(render("everything-on"), "ConfigMap")["data"].values())))
+    assert dashboard == json.loads((CHART / "files" / "dashboard.json").read_text())
+    assert all(target["expr"] for panel in dashboard["panels"] for target in panel["targets"])
