@@ -108,6 +108,20 @@ def naive_peft(base, registry: Path, names: list[str], requests: list[tuple[str,
     return {"sequences_per_s": round(len(requests) / seconds, 2), "residues_per_s": round(residues / seconds, 1)}
 
 
+def cold_traffic(engine: Engine, batches: list[list[tuple[str, str]]], prefetch: bool) -> float:
+    """Seconds to serve batches that each name adapters never seen before. With prefetch, the
+    adapters of batch i+1 load (disk -> device slot) while batch i runs, as the service does
+    for requests queued behind a running batch."""
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        if prefetch and i + 1 < len(batches):
+            for name in dict.fromkeys(name for name, _ in batches[i + 1]):
+                engine.prefetch(name)
+        results = engine.predict(batch)
+        assert all(not isinstance(r, Exception) for r in results)
+    return time.perf_counter() - start
+
+
 def rss_mb() -> float:
     """Resident set size after returning freed heap pages to the OS (less allocator slack)."""
     import ctypes
@@ -170,8 +184,8 @@ def main() -> None:
     seqs = sorted(sequences(args.sequences, args.seed), key=len)  # adapters assigned along the sorted
     with tempfile.TemporaryDirectory() as tmp:                   # order, so every batch mixes them all
         registry = Path(tmp) / "adapters"
-        names = publish_random_adapters(base, registry, 64 + 20, args.rank)
-        cold, warm64 = names[64:], names[:64]
+        names = publish_random_adapters(base, registry, 64 + 20 + 2 * 32, args.rank)
+        cold, warm64, fresh_sets = names[64:84], names[:64], (names[84:116], names[116:148])
         config = dict(r_max=args.rank, max_device_adapters=64, max_batch_size=64)  # device-default residue cap
 
         engine = Engine(load_base(args.base), registry, EngineConfig(**config))
@@ -200,6 +214,17 @@ def main() -> None:
             engine.slots.release(adapter.ref)
             times.append((time.perf_counter() - start) * 1000)
         out["adapter_load_ms"] = round(statistics.median(times), 2)
+
+        # loading overlapped with compute: 8 batches of 16 sequences, 4 new adapters in each
+        short = [s for s in seqs if len(s) <= 200][:16]
+        timings = {}
+        for mode, fresh_names in zip(("sequential", "prefetch"), fresh_sets):
+            batches = [[(fresh_names[4 * b + i % 4], s) for i, s in enumerate(short)] for b in range(8)]
+            cold_engine = Engine(load_base(args.base), registry, EngineConfig(**config, prefetch=True))
+            cold_engine.predict([(warm64[0], short[0])])  # warm-up, not one of the cold adapters
+            timings[mode] = cold_traffic(cold_engine, batches, prefetch=mode == "prefetch")
+        out["cold_traffic_s"] = {k: round(v, 3) for k, v in timings.items()}
+        out["cold_traffic_prefetch_speedup"] = round(timings["sequential"] / timings["prefetch"], 3)
 
         # memory: 1000 registered (hard links of real bundles), 64 resident on the device tier
         for i in range(args.registered - len(names)):

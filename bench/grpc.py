@@ -42,22 +42,26 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load(target: str, requests: list[tuple[str, str]], concurrency: int) -> dict:
+    """`concurrency` callers sharing one channel, as a client application would."""
     latencies, errors = [], 0
+    caller = client.AdapterClient(target)
 
     def one(req):
         start = time.perf_counter()
         try:
-            client.predict(target, req[0], [req[1]], timeout=300)
+            caller.predict(req[0], [req[1]], timeout=300)
             return time.perf_counter() - start, None
         except grpc.RpcError as exc:
             return time.perf_counter() - start, exc.code().name
 
+    caller.list_adapters()  # connect before the clock starts
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         for seconds, error in pool.map(one, requests):
             latencies.append(seconds)
             errors += error is not None
     wall = time.perf_counter() - start
+    caller.close()
     residues = sum(len(s) for _, s in requests)
     return {"sequences_per_s": round(len(requests) / wall, 2), "residues_per_s": round(residues / wall, 1),
             "p50_ms": round(percentile(latencies, 50) * 1000, 1), "p95_ms": round(percentile(latencies, 95) * 1000, 1),

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import grpc
@@ -14,20 +15,53 @@ from esm_adapters.v1 import adapters_pb2 as pb
 from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
 
 APP_METADATA = (("application", "esm-adapters"),)  # Ray Serve routes gRPC by application name
+# Every AdapterService call is idempotent (reads only), so a call that finds the service
+# UNAVAILABLE (a replica or proxy restarting) is retried: up to 4 attempts, exponential backoff
+# from 0.2 s to 2 s with gRPC's jitter. Other statuses are answers and are never retried.
+RETRY_POLICY = {"methodConfig": [{
+    "name": [{"service": "esm_adapters.v1.AdapterService"}],
+    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}
 
 
-def stub(target: str) -> pb_grpc.AdapterServiceStub:
-    return pb_grpc.AdapterServiceStub(grpc.insecure_channel(target))
+class AdapterClient:
+    """One channel for many calls (channels are thread-safe; a new one per call costs a
+    connection set-up each time). Use as a context manager or call close()."""
+
+    def __init__(self, target: str):
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_POLICY))])
+        self.stub = pb_grpc.AdapterServiceStub(self.channel)
+
+    def predict(self, adapter: str, sequences: list[str], probabilities: bool = False, crop: bool = False,
+                timeout: float = 60.0) -> pb.PredictResponse:
+        request = pb.PredictRequest(adapter=adapter, sequences=sequences, residue_probabilities=probabilities,
+                                    crop=crop)
+        return self.stub.Predict(request, metadata=APP_METADATA, timeout=timeout)
+
+    def list_adapters(self, timeout: float = 30.0) -> pb.ListAdaptersResponse:
+        return self.stub.ListAdapters(pb.ListAdaptersRequest(), metadata=APP_METADATA, timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "AdapterClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def predict(target: str, adapter: str, sequences: list[str], probabilities: bool = False,
             crop: bool = False, timeout: float = 60.0) -> pb.PredictResponse:
-    request = pb.PredictRequest(adapter=adapter, sequences=sequences, residue_probabilities=probabilities, crop=crop)
-    return stub(target).Predict(request, metadata=APP_METADATA, timeout=timeout)
+    """One call on a channel of its own (scripts, tests); use AdapterClient for many."""
+    with AdapterClient(target) as c:
+        return c.predict(adapter, sequences, probabilities, crop, timeout)
 
 
 def list_adapters(target: str, timeout: float = 30.0) -> pb.ListAdaptersResponse:
-    return stub(target).ListAdapters(pb.ListAdaptersRequest(), metadata=APP_METADATA, timeout=timeout)
+    with AdapterClient(target) as c:
+        return c.list_adapters(timeout)
 
 
 def read_fasta(path: str) -> list[tuple[str, str]]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import nullcontext
 from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +97,12 @@ class SlotTable:
         self.refs: Counter[str] = Counter()
         self.evictions = 0
 
-    def acquire(self, ref: str, load) -> int:
+    def acquire(self, ref: str, load, evict: bool = True) -> int:
         if ref in self.slot_of:
             self.slot_of.move_to_end(ref)
         else:
+            if not self.free and not evict:
+                raise NoFreeSlot("no free device slot")
             if not self.free:
                 victim = next((r for r in self.slot_of if self.refs[r] == 0), None)
                 if victim is None:
@@ -136,6 +140,10 @@ class EngineConfig:
     merge_top_k: int = 0  # also merge the K adapters with the most traffic
     device: str = "cpu"
     return_residue_probabilities: bool = False
+    # Load adapters named by queued requests in the background. None = on a GPU only: there the
+    # host idles during the forward; on CPU the forward already uses every core and a concurrent
+    # load slows it (bench/engine.py: cold_traffic_prefetch_speedup 0.83 on 2 cores).
+    prefetch: bool | None = None
 
 
 @dataclass
@@ -181,6 +189,14 @@ class Engine:
         self.event_observers: list = []  # called with (event, detail, seconds): load/eviction/refusal
         self._lock = threading.RLock()
         self._forward = threading.Lock()  # one forward at a time: the slot context is shared
+        self._loading: dict[str, Future] = {}  # ref -> the load in progress (one read per adapter)
+        if self.config.prefetch is None:
+            self.config.prefetch = self.device.type == "cuda"
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-prefetch")
+        # On a GPU, slot copies run on their own stream so they overlap the forward on the default
+        # stream; a batch waits (on the GPU, not the host) for the copies of the slots it reads.
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._slot_ready: dict[int, torch.cuda.Event] = {}
 
     # ---- tiers -------------------------------------------------------------------------------
     def load(self, ref: str) -> LoadedAdapter:
@@ -189,6 +205,54 @@ class Engine:
         with self._lock:
             if entry.ref in self.cpu_cache:
                 self.cpu_cache.move_to_end(entry.ref)
+                return self.cpu_cache[entry.ref]
+            pending = self._loading.get(entry.ref)
+            if pending is None:
+                pending = self._loading[entry.ref] = Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return pending.result()  # another thread (a prefetch) is reading it: share its result
+        try:
+            adapter = self._load_entry(entry)
+            pending.set_result(adapter)
+            return adapter
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(entry.ref, None)
+
+    def prefetch(self, ref: str) -> Future | None:
+        """Start making an adapter servable in the background (disk -> CPU tier -> a free device
+        slot), so that the load overlaps the batch running now instead of delaying the next one.
+        Never evicts; errors are left for predict() to report on the request itself."""
+        if not self.config.prefetch:
+            return None
+        try:
+            entry = self.registry.resolve(ref)
+        except (LookupError, RuntimeError, ValueError):
+            return None
+        with self._lock:
+            if entry.ref in self.slots.slot_of or entry.ref in self._loading:
+                return None
+        return self._prefetcher.submit(self._stage, entry.ref)
+
+    def _stage(self, ref: str) -> None:
+        try:
+            adapter = self.load(ref)
+            if adapter.has_lora:
+                with self._lock:
+                    self.slots.acquire(ref, lambda s: self._to_slot(adapter, s), evict=False)
+                    self.slots.release(ref)
+        except (NoFreeSlot, LookupError, RuntimeError, ValueError):
+            pass  # predict() loads (or refuses) it on its own path
+
+    def _load_entry(self, entry) -> LoadedAdapter:
+        with self._lock:
+            if entry.ref in self.cpu_cache:  # finished by another thread just before we claimed it
                 return self.cpu_cache[entry.ref]
         start = time.perf_counter()
         try:
@@ -259,13 +323,19 @@ class Engine:
 
     def _to_slot(self, adapter: LoadedAdapter, slot: int) -> None:
         layers = self._lora_tensors(adapter)
-        for path, layer in self.layers.items():
-            if path in layers:
-                a, b, bias = layers[path]
-                layer.load_slot(slot, a.to(self.device), b.to(self.device), adapter.scale,
-                                None if bias is None else bias.to(self.device))
-            else:
-                layer.clear_slot(slot)
+        stream = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else nullcontext()
+        with stream:
+            for path, layer in self.layers.items():
+                if path in layers:
+                    a, b, bias = layers[path]
+                    layer.load_slot(slot, a.to(self.device), b.to(self.device), adapter.scale,
+                                    None if bias is None else bias.to(self.device))
+                else:
+                    layer.clear_slot(slot)
+        if self._copy_stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+            self._slot_ready[slot] = ready
         if self.device.type == "cpu":
             # On a CPU device the slot already lives in host memory: keeping the CPU-tier copy too
             # would double each adapter's footprint. Re-read from disk (~10 ms) if it is evicted.
@@ -420,6 +490,11 @@ class Engine:
             start = time.perf_counter()
             tokens = tokenize([it.sequence for it in chunk]).to(self.device)
             with self._forward:
+                if slots and self._copy_stream is not None:
+                    compute = torch.cuda.current_stream(self.device)
+                    for slot in {it.slot for it in chunk}:
+                        if slot in self._slot_ready:
+                            compute.wait_event(self._slot_ready[slot])
                 self.context.slots = torch.tensor([it.slot for it in chunk], device=self.device) if slots else None
                 try:
                     reps = encoder(tokens)

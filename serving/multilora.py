@@ -1,7 +1,7 @@
 """Batched multi-LoRA linear layers (Punica's BGMV idea in plain torch).
 
 Each targeted nn.Linear of the shared base is wrapped; the wrapper holds stacked slot tensors
-  A[slots, r_max, d_in], B[slots, d_out, r_max] (scale folded in), bias[slots, d_out]
+  A[slots, r_max, d_in], B[slots, d_out, r_max] (scale folded in), bias[slots, d_out] (if any)
 and reads one slot index per sequence from a shared `SlotContext`. Slot 0 stays all zeros (no
 adapter). The LoRA term is two batched matmuls over the gathered slots, so the number of kernel
 launches per layer is the same whether a batch holds 1 or 64 distinct adapters.
@@ -29,7 +29,8 @@ class MultiLoraLinear(nn.Module):
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.register_buffer("lora_a", torch.zeros(num_slots, r_max, d_in, **kw))
         self.register_buffer("lora_b", torch.zeros(num_slots, d_out, r_max, **kw))
-        self.register_buffer("lora_bias", torch.zeros(num_slots, d_out, **kw))
+        # Only adapters trained with position_embedding_strategy=add carry a bias: allocated on first use.
+        self.register_buffer("lora_bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -38,7 +39,10 @@ class MultiLoraLinear(nn.Module):
             return y
         xb = x.transpose(0, 1)  # (B, T, d_in)
         h = torch.bmm(xb, self.lora_a[slots].transpose(1, 2))  # (B, T, r)
-        delta = torch.baddbmm(self.lora_bias[slots].unsqueeze(1), h, self.lora_b[slots].transpose(1, 2))
+        if self.lora_bias is None:
+            delta = torch.bmm(h, self.lora_b[slots].transpose(1, 2))
+        else:
+            delta = torch.baddbmm(self.lora_bias[slots].unsqueeze(1), h, self.lora_b[slots].transpose(1, 2))
         return y + delta.transpose(0, 1)
 
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float,
@@ -50,14 +54,17 @@ class MultiLoraLinear(nn.Module):
         self.lora_a[slot, :rank].copy_(a, non_blocking=True)
         self.lora_b[slot, :, :rank].copy_(b * scale, non_blocking=True)
         if bias is not None:
+            if self.lora_bias is None:
+                self.lora_bias = self.lora_a.new_zeros(self.lora_a.shape[0], self.lora_b.shape[1])
             self.lora_bias[slot].copy_(bias * scale, non_blocking=True)
-        else:
+        elif self.lora_bias is not None:
             self.lora_bias[slot].zero_()
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
-        self.lora_bias[slot].zero_()
+        if self.lora_bias is not None:
+            self.lora_bias[slot].zero_()
 
 
 def wrap_targets(encoder: nn.Module, targets: tuple[str, ...], num_slots: int, r_max: int,

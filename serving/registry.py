@@ -21,6 +21,11 @@ from pathlib import Path
 from modeling import bundle as bundles
 
 
+# Manifest keys only the load (checksums) or people (the training config) read; the load re-reads
+# the manifest from disk.
+LOAD_TIME_KEYS = ("files", "training")
+
+
 class AdapterNotFound(LookupError):
     pass
 
@@ -108,6 +113,8 @@ class Registry:
             reason = self.check(manifest)
         except bundles.BundleError as exc:
             manifest, reason = None, str(exc)
+        if manifest is not None:  # thousands of entries stay listed: keep only what serving reads
+            manifest = {k: v for k, v in manifest.items() if k not in LOAD_TIME_KEYS}
         return Entry(name, version, folder, manifest, reason, stamp)
 
     def mark_refused(self, ref: str, reason: str) -> None:

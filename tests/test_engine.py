@@ -1,3 +1,4 @@
+import concurrent.futures
 import random
 import shutil
 
@@ -142,6 +143,59 @@ def test_more_adapters_than_device_slots_still_correct(tiny_base_dir, registry):
             expected = "".join("HEC"[i] for i in reference(tiny_base_dir, folders[name], seq).argmax(-1).tolist())
             assert got.labels == expected
     assert engine.slots.evictions > 0 and len(engine.cpu_cache) <= 3
+
+
+def labels_of(base_dir, folder, sequence) -> str:
+    return "".join("HEC"[i] for i in reference(base_dir, folder, sequence).argmax(-1).tolist())
+
+
+def test_prefetch_loads_once_into_a_free_slot_while_batches_run(tiny_base_dir, registry):
+    base = load_base(str(tiny_base_dir))
+    folders = {f"p{i}": make_bundle(base, registry, f"p{i}", rank=2, seed=i) for i in range(6)}
+    engine = Engine(load_base(str(tiny_base_dir)), registry,
+                    EngineConfig(r_max=4, max_device_adapters=8, prefetch=True))
+    loads = []
+    engine.event_observers.append(lambda event, ref, _: loads.append(ref) if event == "load" else None)
+    seqs = random_sequences(12, 20, 60, seed=11)
+    running = [(f"p{i % 3}", s) for i, s in enumerate(seqs)]
+    expected = [labels_of(tiny_base_dir, folders[name], seq) for name, seq in running]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        batches = pool.submit(lambda: [engine.predict(running) for _ in range(3)])
+        prefetched = [engine.prefetch(f"p{i}") for i in range(3, 6)]
+        for future in prefetched:
+            future.result()
+        for results in batches.result():  # slot writes beside running forwards change nothing
+            assert [r.labels for r in results] == expected
+    assert {f"p{i}@1" for i in range(3, 6)} <= set(engine.slots.slot_of)
+    later = [(f"p{3 + i % 3}", s) for i, s in enumerate(seqs)]
+    assert [r.labels for r in engine.predict(later)] == [labels_of(tiny_base_dir, folders[n], s) for n, s in later]
+    assert sorted(loads) == sorted(f"p{i}@1" for i in range(6))  # each adapter read from disk once
+    assert engine.prefetch("p3") is None  # already resident: nothing to do
+
+
+def test_prefetch_never_evicts_and_leaves_errors_to_predict(tiny_base_dir, registry):
+    base = load_base(str(tiny_base_dir))
+    for i in range(2):
+        make_bundle(base, registry, f"q{i}", rank=2, seed=i)
+    engine = Engine(load_base(str(tiny_base_dir)), registry,
+                    EngineConfig(r_max=4, max_device_adapters=1, prefetch=True))
+    engine.predict([("q0", "MKTAYIAK")])
+    engine.prefetch("q1").result()
+    assert list(engine.slots.slot_of) == ["q0@1"] and engine.slots.evictions == 0
+    assert "q1@1" in engine.cpu_cache  # read and verified, waiting for a slot
+    assert engine.prefetch("missing") is None and engine.prefetch("../etc") is None
+    assert isinstance(engine.predict([("missing", "MKT")])[0], AdapterNotFound)
+    off = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=4))  # CPU default: off
+    assert off.prefetch("q1") is None and not off.cpu_cache
+
+
+def test_concurrent_loads_of_one_adapter_read_it_once(tiny_base_dir, registry):
+    base = load_base(str(tiny_base_dir))
+    make_bundle(base, registry, "c", rank=2)
+    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=4))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        adapters = list(pool.map(lambda _: engine.load("c"), range(8)))
+    assert all(a is adapters[0] for a in adapters) and engine.stats["loads"] == 1
 
 
 def test_hot_add_and_remove(tiny_base_dir, registry):
