@@ -204,6 +204,10 @@ def main() -> None:
         out["mixed64_over_merged_batch64"] = round(
             out["mixed_64_batch64"]["residues_per_s"] / out["merged_1_batch64"]["residues_per_s"], 3)
         out["naive_peft_64"] = naive_peft(base, registry, warm64, mixed64, batch=64)
+        # the padded-residue cap per forward pass (the device default on CPU is 512)
+        out["mixed_64_by_max_batch_residues"] = {
+            cap: throughput(Engine(load_base(args.base), registry, EngineConfig(**config, max_batch_residues=cap)),
+                            mixed64)["residues_per_s"] for cap in (256, 512, 1024, 2048, 4096)}
 
         # cold load: disk -> verified CPU tensors -> device slot, for adapters never seen before
         times = []

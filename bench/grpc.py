@@ -11,22 +11,22 @@ ratios: `c64_mixed64_over_engine` (service / engine throughput) and `p50_c1_over
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import platform
 import socket
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import grpc
-
 from bench.engine import publish_random_adapters, sequences
+from esm_adapters.v1 import adapters_pb2 as pb
 from modeling.base import load_base
 from serving import client
 from serving import serve as service
+from serving.app import ServiceConfig
 from serving.engine import Engine, EngineConfig
 
 
@@ -42,41 +42,46 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load(target: str, requests: list[tuple[str, str]], concurrency: int) -> dict:
-    """`concurrency` callers sharing one channel, as a client application would."""
-    latencies, errors = [], 0
+    """Keep `concurrency` requests in flight on one channel (asynchronous calls from one thread,
+    so the load generator takes little of the CPU it shares with the service)."""
+    latencies, errors = [], []
+    window = threading.Semaphore(concurrency)
     caller = client.AdapterClient(target)
-
-    def one(req):
-        start = time.perf_counter()
-        try:
-            caller.predict(req[0], [req[1]], timeout=300)
-            return time.perf_counter() - start, None
-        except grpc.RpcError as exc:
-            return time.perf_counter() - start, exc.code().name
-
     caller.list_adapters()  # connect before the clock starts
+
+    def finished(future, sent):
+        latencies.append(time.perf_counter() - sent)
+        if future.exception() is not None:
+            errors.append(future.exception().code().name)
+        window.release()
+
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        for seconds, error in pool.map(one, requests):
-            latencies.append(seconds)
-            errors += error is not None
+    for adapter, sequence in requests:
+        window.acquire()
+        sent = time.perf_counter()
+        future = caller.stub.Predict.future(pb.PredictRequest(adapter=adapter, sequences=[sequence]),
+                                            metadata=client.APP_METADATA, timeout=300)
+        future.add_done_callback(lambda f, sent=sent: finished(f, sent))
+    for _ in range(concurrency):  # wait for the last ones
+        window.acquire()
     wall = time.perf_counter() - start
     caller.close()
     residues = sum(len(s) for _, s in requests)
     return {"sequences_per_s": round(len(requests) / wall, 2), "residues_per_s": round(residues / wall, 1),
             "p50_ms": round(percentile(latencies, 50) * 1000, 1), "p95_ms": round(percentile(latencies, 95) * 1000, 1),
-            "p99_ms": round(percentile(latencies, 99) * 1000, 1), "errors": errors}
+            "p99_ms": round(percentile(latencies, 99) * 1000, 1), "errors": len(errors)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--base")
+    parser.add_argument("--batch-wait", type=float, default=ServiceConfig.batch_wait_timeout_s)
     args = parser.parse_args()
     base = load_base(args.base)
     seqs = sequences(args.requests, seed=0)
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, device cpu", "base": base.name,
-                 "requests_per_level": args.requests}
+                 "requests_per_level": args.requests, "batch_wait_timeout_s": args.batch_wait}
     with tempfile.TemporaryDirectory() as tmp:
         registry = Path(tmp) / "adapters"
         names = publish_random_adapters(base, registry, 64, 16)
@@ -99,7 +104,7 @@ def main() -> None:
 
         grpc_port, metrics_port = free_port(), free_port()
         service.start({"registry": str(registry), "base": args.base, "max_batch_size": 64,
-                       "batch_wait_timeout_s": 0.005}, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2,
+                       "batch_wait_timeout_s": args.batch_wait}, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2,
                       http_port=free_port())
         target = f"127.0.0.1:{grpc_port}"
         try:

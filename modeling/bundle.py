@@ -139,8 +139,16 @@ class Bundle:
         return f"{self.manifest.get('name')}@{self.manifest.get('version')}"
 
 
+def refuse_symlinks(*paths: Path) -> None:
+    """A bundle is made of real files: a link could point anywhere outside the registry."""
+    for path in paths:
+        if path.is_symlink():
+            raise BundleError(f"{path} is a symlink; bundles must hold real files and folders")
+
+
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
+    refuse_symlinks(folder, path)
     if not path.is_file():
         raise BundleError(f"{folder}: no {MANIFEST}")
     try:
@@ -154,15 +162,16 @@ def read_bundle(folder: Path) -> Bundle:
     """Load and verify a bundle: schema, every checksum, safetensors only."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    for fname in manifest["files"]:  # before reading a byte: nothing else is ever deserialised
+        if not fname.endswith((".safetensors", ".json")):
+            raise BundleError(f"{folder}: {fname} is neither safetensors nor JSON")
     for fname, digest in manifest["files"].items():
         path = folder / fname
+        refuse_symlinks(path)
         if not path.is_file():
             raise BundleError(f"{folder}: file {fname} listed in the manifest is missing")
         if sha256_file(path) != digest:
             raise BundleError(f"{folder}: checksum mismatch for {fname}")
-    for fname in manifest["files"]:
-        if not fname.endswith((".safetensors", ".json")):
-            raise BundleError(f"{folder}: {fname} is neither safetensors nor JSON")
 
     def tensors(fname: str) -> dict[str, torch.Tensor]:
         try:

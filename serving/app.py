@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,8 +43,10 @@ class ServiceConfig:
     merge_top_k: int = 0
     device: str = "auto"
     max_batch_size: int = 64
-    batch_wait_timeout_s: float = 0.005
-    max_batch_residues: int | None = None  # None = by device (2048 on CPU, 65536 on GPU)
+    # 0: a batch is whatever queued while the previous one ran (continuous batching); a positive
+    # wait only adds latency to an idle replica (bench/grpc.py: +5 ms at concurrency 1).
+    batch_wait_timeout_s: float = 0.0
+    max_batch_residues: int | None = None  # None = by device (512 on CPU, 65536 on GPU)
     max_sequences_per_request: int = 256
     max_residues_per_request: int = 262144
     registry_poll_s: float = 0.5
@@ -85,8 +88,12 @@ class AdapterServer:
         device = self.config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.config.torch_threads is not None:  # Ray pins OMP threads to num_cpus (1 for 0.5)
-            torch.set_num_threads(self.config.torch_threads or os.cpu_count())
+        # Ray pins OMP threads to num_cpus (1 for 0.5). OpenMP's thread count is per calling
+        # thread, so the model runs on one dedicated thread that sets it for itself.
+        threads = (self.config.torch_threads or os.cpu_count()) if self.config.torch_threads is not None \
+            else torch.get_num_threads()
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model",
+                                                initializer=torch.set_num_threads, initargs=(threads,))
         self.base = load_base(self.config.base)
         self.engine = Engine(self.base, Path(self.config.registry), EngineConfig(
             r_max=self.config.r_max, max_device_adapters=self.config.max_device_adapters,
@@ -99,7 +106,7 @@ class AdapterServer:
         self.engine.registry.watch(self.config.registry_poll_s)
         self._batch.set_max_batch_size(self.config.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-        self.engine.embed([WARMUP])  # warm-up: the replica is ready only once the base has run
+        self._model_thread.submit(self.engine.embed, [WARMUP]).result()  # ready once the base has run
         self.metrics.set_tiers(self.engine.tiers())
         log.info("AdapterServer ready: base %s (%s) on %s, %d adapter versions in %s", self.base.name,
                  self.base.fingerprint[:12], device, len(self.engine.registry.entries()), self.config.registry)
@@ -110,13 +117,13 @@ class AdapterServer:
         self.metrics.set_tiers(self.engine.tiers())
 
     # ---- batching --------------------------------------------------------------------------
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def _batch(self, items: list[tuple]) -> list:
         started = time.perf_counter()
         for *_, enqueued in items:
             self.metrics.latency.observe(started - enqueued, tags={"stage": "queue"})
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(None, self.engine.predict, [item[:3] for item in items])
+        results = await loop.run_in_executor(self._model_thread, self.engine.predict, [item[:3] for item in items])
         self.metrics.latency.observe(time.perf_counter() - started, tags={"stage": "model"})
         self.metrics.set_tiers(self.engine.tiers())
         return results
@@ -220,7 +227,7 @@ class AdapterServer:
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"sequence {i}: longer than {MAX_RESIDUES} residues")
             loop = asyncio.get_running_loop()
-            reps = await loop.run_in_executor(None, self.engine.embed, list(request.sequences))
+            reps = await loop.run_in_executor(self._model_thread, self.engine.embed, list(request.sequences))
         except Exception as exc:
             if grpc_context is not None:
                 grpc_context.set_code(status_of(exc))

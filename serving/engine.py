@@ -28,11 +28,15 @@ from serving.multilora import SlotContext, wrap_targets
 from serving.registry import AdapterRefused, Registry
 
 
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class NoFreeSlot(RuntimeError):
     pass
 
 
-REFUSAL_KINDS = ("fingerprint", "checksum", "r_max", "targets", "full fine-tuned", "shapes", "manifest")
+REFUSAL_KINDS = ("fingerprint", "checksum", "r_max", "targets", "full fine-tuned", "shapes", "symlink", "finite",
+                 "dtype", "safetensors", "manifest")
 
 
 def refusal_kind(reason: str) -> str:
@@ -169,7 +173,7 @@ class Engine:
         self.base = base
         self.device = torch.device(self.config.device)
         if self.config.max_batch_residues is None:
-            self.config.max_batch_residues = 2048 if self.device.type == "cpu" else 65536
+            self.config.max_batch_residues = 512 if self.device.type == "cpu" else 65536
         self.fingerprint = base.fingerprint
         self.encoder = base.encoder.to(self.device).eval()
         self.context = SlotContext()
@@ -279,6 +283,12 @@ class Engine:
         if reason:
             raise bundles.BundleError(reason)
         manifest = bundle.manifest
+        for group in (bundle.adapter, bundle.head):
+            for key, tensor in group.items():
+                if tensor.dtype not in WEIGHT_DTYPES:
+                    raise bundles.BundleError(f"{key}: dtype {tensor.dtype} is not a weight dtype {WEIGHT_DTYPES}")
+                if not torch.isfinite(tensor).all():
+                    raise bundles.BundleError(f"{key}: weights are not finite (NaN or Inf)")
         layers, scale, nbytes = {}, 1.0, 0
         if manifest["mode"] == "lora":
             config = bundle.adapter_config or {}

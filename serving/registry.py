@@ -104,6 +104,10 @@ class Registry:
             stamp = manifest_path.stat().st_mtime_ns
         except FileNotFoundError:
             return None  # still being copied: invisible
+        try:
+            bundles.refuse_symlinks(folder.parent, folder)
+        except bundles.BundleError as exc:  # listed (so an operator sees why), never read
+            return Entry(name, version, folder, None, str(exc), stamp)
         ref = f"{name}@{version}"
         old = self._entries.get(ref)
         if old is not None and old.stamp == stamp:

@@ -1,0 +1,130 @@
+"""Corrupted and hostile adapters: each is refused with its reason, holds no memory afterwards,
+and every other adapter keeps serving. Corruptions that keep valid checksums (the manifest is
+re-signed) prove that the later checks, not only the checksum, catch them."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bundles import make_bundle
+from modeling import bundle as bundles
+from modeling.base import load_base
+from serving.engine import Engine, EngineConfig
+from serving.registry import AdapterRefused
+
+ADAPTER = bundles.ADAPTER_WEIGHTS
+
+
+def resign(folder: Path) -> None:
+    """Recompute the manifest's checksums after a deliberate corruption."""
+    manifest = json.loads((folder / bundles.MANIFEST).read_text())
+    manifest["files"] = {f: bundles.sha256_file(folder / f) for f in manifest["files"]}
+    (folder / bundles.MANIFEST).write_text(json.dumps(manifest))
+
+
+def rewrite_adapter(folder: Path, change) -> None:
+    tensors = load_file(folder / ADAPTER)
+    change(tensors)
+    save_file(tensors, folder / ADAPTER)
+    resign(folder)
+
+
+class Boom:
+    """Unpickling this would create a file: proof that nothing was unpickled."""
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def first_a(tensors: dict) -> str:
+    return next(k for k in tensors if k.endswith("lora_A.weight"))
+
+
+@pytest.fixture
+def zoo(tiny_base_dir, tmp_path):
+    """One good adapter and one of every kind of bad one."""
+    registry = tmp_path / "adapters"
+    base = load_base(str(tiny_base_dir))
+    make_bundle(base, registry, "good", rank=2)
+    folders = {name: make_bundle(base, registry, name, rank=2, seed=i) for i, name in enumerate([
+        "truncated", "shape", "dtype", "nan", "inf", "checksum", "pickle", "pickle_only", "huge_rank", "no_manifest"])}
+    data = (folders["truncated"] / ADAPTER).read_bytes()
+    (folders["truncated"] / ADAPTER).write_bytes(data[:len(data) // 2])
+    resign(folders["truncated"])
+    rewrite_adapter(folders["shape"], lambda t: t.update({first_a(t): torch.zeros(2, 7)}))
+    rewrite_adapter(folders["dtype"], lambda t: t.update({first_a(t): t[first_a(t)].to(torch.int32)}))
+    rewrite_adapter(folders["nan"], lambda t: t[first_a(t)].view(-1).__setitem__(0, float("nan")))
+    rewrite_adapter(folders["inf"], lambda t: t[first_a(t)].view(-1).__setitem__(0, float("inf")))
+    (folders["checksum"] / bundles.HEAD_WEIGHTS).write_bytes(b"\0" * 64)  # not re-signed
+    marker = tmp_path / "unpickled"
+    for name in ("pickle", "pickle_only"):  # a .bin beside the safetensors, or instead of them
+        (folders[name] / "adapter_model.bin").write_bytes(pickle.dumps(Boom(str(marker))))
+        manifest = json.loads((folders[name] / bundles.MANIFEST).read_text())
+        manifest["files"]["adapter_model.bin"] = ""
+        if name == "pickle_only":
+            (folders[name] / ADAPTER).unlink()
+            del manifest["files"][ADAPTER]
+        (folders[name] / bundles.MANIFEST).write_text(json.dumps(manifest))
+        resign(folders[name])
+    manifest = json.loads((folders["huge_rank"] / bundles.MANIFEST).read_text())
+    manifest["lora"]["rank"] = 10**9
+    (folders["huge_rank"] / bundles.MANIFEST).write_text(json.dumps(manifest))
+    (folders["no_manifest"] / bundles.MANIFEST).unlink()
+    # A symlinked version folder and a symlinked file, both pointing outside the registry.
+    outside = tmp_path / "outside"
+    shutil.copytree(folders["nan"].parent.parent / "good" / "1", outside)
+    (registry / "linked").mkdir()
+    (registry / "linked" / "1").symlink_to(outside, target_is_directory=True)
+    linked_file = make_bundle(base, registry, "linked_file", rank=2)
+    secret = tmp_path / "secret.safetensors"
+    shutil.copy(linked_file / ADAPTER, secret)
+    (linked_file / ADAPTER).unlink()
+    (linked_file / ADAPTER).symlink_to(secret)
+    return registry, marker
+
+
+EXPECTED = {
+    "truncated": "not a valid safetensors file",
+    "shape": "do not fit",
+    "dtype": "dtype",
+    "nan": "not finite",
+    "inf": "not finite",
+    "checksum": "checksum mismatch",
+    "pickle": "neither safetensors nor JSON",
+    "pickle_only": "are required for mode lora",
+    "huge_rank": "exceeds this server's r_max",
+    "linked": "symlink",
+    "linked_file": "symlink",
+}
+
+
+def test_each_hostile_adapter_is_refused_with_its_reason(tiny_base_dir, zoo):
+    registry, marker = zoo
+    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=4))
+    requests = [(name, "MKTAYIAK") for name in EXPECTED] + [("good", "MKTAYIAK")]
+    results = engine.predict(requests)
+    for (name, _), result in zip(requests, results):
+        if name == "good":
+            assert result.labels and len(result.labels) == 8  # every other adapter keeps serving
+            continue
+        assert isinstance(result, AdapterRefused), (name, result)
+        assert EXPECTED[name] in str(result), (name, str(result))
+    listed = {e.name: e for e in engine.registry.entries()}
+    assert "no_manifest" not in listed  # a folder without a manifest does not exist yet
+    for name, reason in EXPECTED.items():  # ListAdapters shows the same reasons
+        assert listed[name].status == "refused" and reason in listed[name].reason, (name, listed[name].reason)
+    assert not marker.exists()  # the pickle was never unpickled
+    # Refused adapters hold nothing: not in the CPU tier, not in a device slot.
+    assert set(engine.cpu_cache) == {"good@1"} and set(engine.slots.slot_of) == {"good@1"}
+    # And asking again does not retry the load: the refusal sticks until the files change.
+    loads = engine.stats["loads"]
+    assert isinstance(engine.predict([("nan", "MKT")])[0], AdapterRefused) and engine.stats["loads"] == loads
