@@ -22,6 +22,7 @@ from esm_adapters.v1 import adapters_pb2 as pb
 from modeling import bundle as bundles
 from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise
 from modeling.base import load_base
+from serving.auth import TokenCheck, Unauthenticated
 from serving.engine import Engine, EngineConfig, Prediction
 from serving.registry import AdapterNotFound, AdapterRefused
 
@@ -51,6 +52,9 @@ class ServiceConfig:
     max_residues_per_request: int = 262144
     registry_poll_s: float = 0.5
     torch_threads: int | None = None  # None = Ray's default (the replica's num_cpus); 0 = every core
+    # Bearer-token auth on every RPC; None = $ESM_ADAPTERS_AUTH_TOKEN_FILE or $ESM_ADAPTERS_AUTH_TOKEN,
+    # or no auth when neither is set (serving/auth.py).
+    auth_token_file: str | None = None
 
     @classmethod
     def from_args(cls, args: dict) -> "ServiceConfig":
@@ -69,6 +73,8 @@ class RequestError(Exception):
 def status_of(exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, RequestError):
         return exc.code
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(exc, AdapterNotFound):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, AdapterRefused):
@@ -78,6 +84,18 @@ def status_of(exc: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def metadata_of(grpc_context) -> tuple:
+    return tuple(grpc_context.invocation_metadata()) if grpc_context is not None else ()
+
+
+def fail(grpc_context, exc: Exception, empty):
+    """Answer with exc's status and message (the server keeps serving)."""
+    if grpc_context is not None:
+        grpc_context.set_code(status_of(exc))
+        grpc_context.set_details(str(exc))
+    return empty
+
+
 @serve.deployment(name="AdapterServer", max_ongoing_requests=256, health_check_period_s=5)
 class AdapterServer:
     def __init__(self, args: dict):
@@ -85,6 +103,7 @@ class AdapterServer:
 
         from serving.metrics import ServiceMetrics
         self.config = ServiceConfig.from_args(args)
+        self.auth = TokenCheck(self.config.auth_token_file)
         device = self.config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,6 +152,7 @@ class AdapterServer:
         started = time.perf_counter()
         label = self.metrics.adapter_label(None, False)
         try:
+            self.auth.check(metadata_of(grpc_context))
             ref, entry, sequences, cropped = self._validate(request)
             label = self.metrics.adapter_label(entry.name, True)
             self.engine.prefetch(ref)  # a cold adapter loads while the batch ahead of it runs
@@ -148,10 +168,7 @@ class AdapterServer:
             code = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("Predict failed")
-            if grpc_context is not None:
-                grpc_context.set_code(code)
-                grpc_context.set_details(str(exc))
-            response = pb.PredictResponse()
+            response = fail(grpc_context, exc, pb.PredictResponse())
         self.metrics.requests.inc(tags={"adapter": label, "code": code.name})
         self.metrics.latency.observe(time.perf_counter() - started, tags={"stage": "total"})
         return response
@@ -205,6 +222,10 @@ class AdapterServer:
         return response
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, grpc_context=None) -> pb.ListAdaptersResponse:
+        try:
+            self.auth.check(metadata_of(grpc_context))
+        except Unauthenticated as exc:
+            return fail(grpc_context, exc, pb.ListAdaptersResponse())
         response = pb.ListAdaptersResponse(base_fingerprint=self.base.fingerprint, base_name=self.base.name)
         for entry in self.engine.registry.entries():
             s = entry.summary()
@@ -218,6 +239,7 @@ class AdapterServer:
 
     async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
         try:
+            self.auth.check(metadata_of(grpc_context))
             if not request.sequences:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no sequences in the request")
             if len(request.sequences) > self.config.max_sequences_per_request:
@@ -229,10 +251,7 @@ class AdapterServer:
             loop = asyncio.get_running_loop()
             reps = await loop.run_in_executor(self._model_thread, self.engine.embed, list(request.sequences))
         except Exception as exc:
-            if grpc_context is not None:
-                grpc_context.set_code(status_of(exc))
-                grpc_context.set_details(str(exc))
-            return pb.EmbedResponse()
+            return fail(grpc_context, exc, pb.EmbedResponse())
         response = pb.EmbedResponse(dim=self.base.encoder.embed_dim)
         for rep in reps:
             e = response.embeddings.add(mean=rep.mean(0).tolist(), length=rep.shape[0])

@@ -2,17 +2,20 @@
 
   python -m serving.client predict --adapter sec_str-r16 --sequence MKTAYIAK... [--fasta file] [--target host:port]
   python -m serving.client list [--target host:port]
+  --token-file FILE (or $ESM_ADAPTERS_AUTH_TOKEN_FILE / $ESM_ADAPTERS_AUTH_TOKEN) when the service requires a token
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import grpc
 
 from esm_adapters.v1 import adapters_pb2 as pb
 from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
+from serving.auth import TOKEN_ENV, TOKEN_FILE_ENV
 
 APP_METADATA = (("application", "esm-adapters"),)  # Ray Serve routes gRPC by application name
 # Every AdapterService call is idempotent (reads only), so a call that finds the service
@@ -28,19 +31,20 @@ class AdapterClient:
     """One channel for many calls (channels are thread-safe; a new one per call costs a
     connection set-up each time). Use as a context manager or call close()."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, token: str | None = None):
         self.channel = grpc.insecure_channel(target, options=[
             ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_POLICY))])
         self.stub = pb_grpc.AdapterServiceStub(self.channel)
+        self.metadata = APP_METADATA + ((("authorization", f"Bearer {token}"),) if token else ())
 
     def predict(self, adapter: str, sequences: list[str], probabilities: bool = False, crop: bool = False,
                 timeout: float = 60.0) -> pb.PredictResponse:
         request = pb.PredictRequest(adapter=adapter, sequences=sequences, residue_probabilities=probabilities,
                                     crop=crop)
-        return self.stub.Predict(request, metadata=APP_METADATA, timeout=timeout)
+        return self.stub.Predict(request, metadata=self.metadata, timeout=timeout)
 
     def list_adapters(self, timeout: float = 30.0) -> pb.ListAdaptersResponse:
-        return self.stub.ListAdapters(pb.ListAdaptersRequest(), metadata=APP_METADATA, timeout=timeout)
+        return self.stub.ListAdapters(pb.ListAdaptersRequest(), metadata=self.metadata, timeout=timeout)
 
     def close(self) -> None:
         self.channel.close()
@@ -53,15 +57,24 @@ class AdapterClient:
 
 
 def predict(target: str, adapter: str, sequences: list[str], probabilities: bool = False,
-            crop: bool = False, timeout: float = 60.0) -> pb.PredictResponse:
+            crop: bool = False, timeout: float = 60.0, token: str | None = None) -> pb.PredictResponse:
     """One call on a channel of its own (scripts, tests); use AdapterClient for many."""
-    with AdapterClient(target) as c:
+    with AdapterClient(target, token) as c:
         return c.predict(adapter, sequences, probabilities, crop, timeout)
 
 
-def list_adapters(target: str, timeout: float = 30.0) -> pb.ListAdaptersResponse:
-    with AdapterClient(target) as c:
+def list_adapters(target: str, timeout: float = 30.0, token: str | None = None) -> pb.ListAdaptersResponse:
+    with AdapterClient(target, token) as c:
         return c.list_adapters(timeout)
+
+
+def token_from(path: str | None) -> str | None:
+    """--token-file, else the same variables the service reads (so a container's health check
+    authenticates as itself): $ESM_ADAPTERS_AUTH_TOKEN_FILE, $ESM_ADAPTERS_AUTH_TOKEN; else none."""
+    path = path or os.environ.get(TOKEN_FILE_ENV)
+    if path:
+        return open(path).read().strip()
+    return os.environ.get(TOKEN_ENV) or None
 
 
 def read_fasta(path: str) -> list[tuple[str, str]]:
@@ -98,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:9000")
+    parser.add_argument("--token-file", help="bearer token for a service with auth (or $ESM_ADAPTERS_AUTH_TOKEN[_FILE])")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict")
     p.add_argument("--adapter", required=True)
@@ -107,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list")
     args = parser.parse_args(argv)
     try:
+        token = token_from(args.token_file)
         if args.command == "list":
-            response = list_adapters(args.target)
+            response = list_adapters(args.target, token=token)
             print(f"base {response.base_name} {response.base_fingerprint[:12]}")
             for a in response.adapters:
                 metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(a.metrics.items()))
@@ -120,11 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             named += read_fasta(args.fasta)
         if not named:
             parser.error("give --sequence or --fasta")
-        response = predict(args.target, args.adapter, [s for _, s in named], crop=args.crop)
+        response = predict(args.target, args.adapter, [s for _, s in named], crop=args.crop, token=token)
         print(render(response, [n for n, _ in named], [s.upper()[:1022] for _, s in named]))
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"error: token file: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -21,9 +21,15 @@ from pathlib import Path
 from modeling import bundle as bundles
 
 
-# Manifest keys only the load (checksums) or people (the training config) read; the load re-reads
-# the manifest from disk.
-LOAD_TIME_KEYS = ("files", "training")
+def listing_view(manifest: dict) -> dict:
+    """The manifest fields that listing and answering read. Thousands of versions stay listed, so
+    entries keep only these, with repeated strings shared; a load re-reads the whole manifest."""
+    lora, output = manifest.get("lora") or {}, manifest["output"]
+    return {"task": sys.intern(manifest["task"]), "mode": sys.intern(manifest["mode"]),
+            "output": {"kind": sys.intern(output["kind"]), "labels": tuple(map(sys.intern, output["labels"]))},
+            "lora": {"rank": lora.get("rank")} if lora else None,
+            "base": {"fingerprint": sys.intern(manifest["base"]["fingerprint"])},
+            "metrics": manifest.get("metrics") or {}}
 
 
 class AdapterNotFound(LookupError):
@@ -117,8 +123,8 @@ class Registry:
             reason = self.check(manifest)
         except bundles.BundleError as exc:
             manifest, reason = None, str(exc)
-        if manifest is not None:  # thousands of entries stay listed: keep only what serving reads
-            manifest = {k: v for k, v in manifest.items() if k not in LOAD_TIME_KEYS}
+        if manifest is not None:
+            manifest = listing_view(manifest)
         return Entry(name, version, folder, manifest, reason, stamp)
 
     def mark_refused(self, ref: str, reason: str) -> None:

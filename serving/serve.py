@@ -20,6 +20,7 @@ from dataclasses import fields
 import yaml
 
 from serving.app import SERVICER, ServiceConfig
+from serving.auth import TokenCheck
 
 log = logging.getLogger("serving.serve")
 APP_NAME = "esm-adapters"
@@ -46,7 +47,7 @@ def service_args(ns: argparse.Namespace) -> dict:
 
 
 def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, num_cpus: float = 0.5,
-          num_gpus: float = 0.0, ray_cpus: int | None = None, http_port: int = 0):
+          num_gpus: float = 0.0, ray_cpus: int | None = None, http_port: int = 0, token: str | None = None):
     """Embedded Ray + Serve on loopback; returns once the app is RUNNING (base loaded, warm)."""
     import ray
     from ray import serve
@@ -71,10 +72,10 @@ def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, 
         max_ongoing_requests=max(256, 2 * config.max_batch_size)).bind(
         {f.name: getattr(config, f.name) for f in fields(ServiceConfig)})
     serve.run(app, name=APP_NAME, route_prefix="/")
-    wait_until_routable(f"127.0.0.1:{grpc_port}")
+    wait_until_routable(f"127.0.0.1:{grpc_port}", token=token)
 
 
-def wait_until_routable(target: str, timeout: float = 60.0):
+def wait_until_routable(target: str, timeout: float = 60.0, token: str | None = None):
     """serve.run returns before the gRPC proxy's route table lists the app; wait for it."""
     import time
 
@@ -84,7 +85,7 @@ def wait_until_routable(target: str, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return list_adapters(target, timeout=10)
+            return list_adapters(target, timeout=10, token=token)
         except grpc.RpcError:
             if time.monotonic() > deadline:
                 raise
@@ -115,9 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log.info("starting: %s", json.dumps(args))
-    start(args, ns.grpc_port, ns.metrics_port, ns.replicas, ns.replica_cpus, ns.replica_gpus)
-    adapters = wait_until_routable(f"127.0.0.1:{ns.grpc_port}")
+    try:
+        auth = TokenCheck(args.get("auth_token_file"))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    token = auth.token().decode() if auth.enabled else None
+    log.info("starting: %s%s", json.dumps(args), " (bearer-token auth on)" if auth.enabled else "")
+    start(args, ns.grpc_port, ns.metrics_port, ns.replicas, ns.replica_cpus, ns.replica_gpus, token=token)
+    adapters = wait_until_routable(f"127.0.0.1:{ns.grpc_port}", token=token)
     ok = sum(a.status == "ok" for a in adapters.adapters)
     log.info("serving gRPC on 0.0.0.0:%d (reflection on), metrics on http://127.0.0.1:%d/metrics; "
              "%d adapter versions found (%d servable)", ns.grpc_port, ns.metrics_port, len(adapters.adapters), ok)

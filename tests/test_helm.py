@@ -22,6 +22,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from serving.auth import TOKEN_FILE_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "esm-adapters"
 KUBERNETES_VERSION = "1.37.0"
@@ -209,7 +211,7 @@ def test_secrets_are_mounted_where_the_service_is_told_to_look():
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert env["ESM_ADAPTERS_TLS_CERT_FILE"].startswith(mounts["tls"] + "/"), name
-        assert env["ESM_ADAPTERS_AUTH_TOKEN_FILE"] == mounts["auth"] + "/token", name
+        assert env[TOKEN_FILE_ENV] == mounts["auth"] + "/token", name  # the variable serving.auth reads
         assert volumes["tls"]["secret"]["secretName"] == "t" and volumes["auth"]["secret"]["secretName"] == "a"
         assert volumes["registry"]["persistentVolumeClaim"]["claimName"] == "reg"
     assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]  # existing claim: none created
@@ -233,7 +235,8 @@ def test_values_schema_matches_the_code():
     from training.tasks import TASKS
     schema = json.loads((CHART / "values.schema.json").read_text())
     service = schema["properties"]["service"]["properties"]
-    assert set(service) | {"registry", "base"} == {f.name for f in fields(ServiceConfig)}
+    # registry and base come from registry.* and model.*, the token file from auth.* (a mounted secret)
+    assert set(service) | {"registry", "base", "auth_token_file"} == {f.name for f in fields(ServiceConfig)}
     assert set(service["targets"]["items"]["enum"]) == set(ALL_TARGETS)
     assert set(schema["properties"]["trainingJob"]["properties"]["task"]["enum"]) == set(TASKS)
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())

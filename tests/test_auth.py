@@ -1,0 +1,115 @@
+"""Bearer-token auth: every RPC of a real Ray Serve deployment refuses a missing or wrong token
+with UNAUTHENTICATED, accepts the right one, follows a rotated token file, and counts refusals."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bundles import make_bundle
+from conftest import tiny_hf_folder
+from esm_adapters.v1 import adapters_pb2 as pb
+from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
+from modeling.base import load_base
+from serving import client, serve as service
+from serving.auth import TOKEN_FILE_ENV, TokenCheck, Unauthenticated
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("auth")
+    base_dir = tiny_hf_folder(root / "base")
+    registry = root / "adapters"
+    make_bundle(load_base(str(base_dir)), registry, "ss", rank=4, seed=1)
+    token_file = root / "token"
+    token_file.write_text("first-secret\n")
+    grpc_port, metrics_port = free_port(), free_port()
+    args = {"registry": str(registry), "base": str(base_dir), "r_max": 8, "auth_token_file": str(token_file)}
+    service.start(args, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2, http_port=free_port(),
+                  token="first-secret")
+    yield {"target": f"127.0.0.1:{grpc_port}", "metrics": metrics_port, "token_file": token_file}
+    service.stop()
+
+
+def status(fn) -> grpc.StatusCode:
+    try:
+        fn()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_every_rpc_needs_the_token(server):
+    target = server["target"]
+    for token in (None, "wrong", "first-secret-but-longer", ""):
+        assert status(lambda: client.predict(target, "ss", ["MKT"], token=token)) == grpc.StatusCode.UNAUTHENTICATED
+        assert status(lambda: client.list_adapters(target, token=token)) == grpc.StatusCode.UNAUTHENTICATED
+        embed = pb_grpc.AdapterServiceStub(grpc.insecure_channel(target)).Embed
+        metadata = client.APP_METADATA + ((("authorization", f"Bearer {token}"),) if token else ())
+        assert status(lambda: embed(pb.EmbedRequest(sequences=["MKT"]), metadata=metadata, timeout=30)) \
+            == grpc.StatusCode.UNAUTHENTICATED
+    assert client.predict(target, "ss", ["MKTAY"], token="first-secret").predictions[0].labels
+    assert client.list_adapters(target, token="first-secret").adapters[0].name == "ss"
+
+
+def test_a_rotated_token_file_takes_effect_without_restart(server):
+    target = server["target"]
+    time.sleep(0.01)  # a new mtime
+    server["token_file"].write_text("second-secret\n")
+    try:
+        assert client.predict(target, "ss", ["MKT"], token="second-secret").predictions[0].labels
+        assert status(lambda: client.predict(target, "ss", ["MKT"], token="first-secret")) \
+            == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server["token_file"].write_text("first-secret\n")
+
+
+def test_the_client_cli_reads_the_token_from_the_environment(server, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("first-secret")
+    run = lambda env: subprocess.run([sys.executable, "-m", "serving.client", "--target", server["target"], "list"],
+                                     capture_output=True, text=True, timeout=120, env=env)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESM_ADAPTERS_AUTH")}
+    refused = run(env)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    accepted = run({**env, TOKEN_FILE_ENV: str(token)})
+    assert accepted.returncode == 0 and "ss@1" in accepted.stdout
+
+
+def test_refusals_are_counted(server):
+    client.predict(server["target"], "ss", ["MKT"], token="first-secret")
+    for _ in range(3):
+        status(lambda: client.predict(server["target"], "ss", ["MKT"], token="nope"))
+    deadline = time.monotonic() + 30
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server['metrics']}/metrics", timeout=10).read().decode()
+        counts = {s.labels.get("code"): s.value for f in text_string_to_metric_families(text)
+                  if f.name == "ray_esm_requests" for s in f.samples if s.name.endswith("_total")}
+        if counts.get("UNAUTHENTICATED", 0) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert counts.get("UNAUTHENTICATED", 0) >= 3 and counts.get("OK", 0) >= 1
+
+
+def test_token_check_fails_at_start_on_a_missing_or_empty_token(tmp_path):
+    with pytest.raises(ValueError, match="auth token file"):
+        TokenCheck(str(tmp_path / "absent"))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        TokenCheck(str(tmp_path / "empty"))
+    check = TokenCheck(None)  # no token configured: auth is off
+    assert not check.enabled and check.check(()) is None
+    (tmp_path / "t").write_text("abc")
+    with pytest.raises(Unauthenticated):
+        TokenCheck(str(tmp_path / "t")).check((("authorization", "Bearer abd"),))
