@@ -94,7 +94,7 @@ def main() -> None:
             engine.predict(traffic[64][i:i + 64])
         engine_tput = len(seqs) / (time.perf_counter() - start)
         single = []
-        for req in traffic[1][:16]:
+        for req in traffic[1][:16] * 3:  # the same requests, as often, as the service's c1 level
             start = time.perf_counter()
             engine.predict([req])
             single.append(time.perf_counter() - start)
@@ -111,7 +111,7 @@ def main() -> None:
             load(target, traffic[64][:64], 64)  # warm: every adapter loaded on the replica
             for adapters in (1, 64):
                 for concurrency in (1, 8, 64):
-                    requests = traffic[adapters] if concurrency > 1 else traffic[adapters][:16]
+                    requests = traffic[adapters] if concurrency > 1 else traffic[adapters][:16] * 3
                     out[f"c{concurrency}_adapters{adapters}"] = load(target, requests, concurrency)
         finally:
             service.stop()

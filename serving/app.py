@@ -24,7 +24,7 @@ from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise
 from modeling.base import load_base
 from serving.auth import TokenCheck, Unauthenticated
 from serving.engine import Engine, EngineConfig, Prediction
-from serving.registry import AdapterNotFound, AdapterRefused
+from serving.registry import AdapterNotFound, AdapterRefused, RegistryUnavailable
 
 log = logging.getLogger("serving.app")
 SERVICER = "esm_adapters.v1.adapters_pb2_grpc.add_AdapterServiceServicer_to_server"
@@ -77,6 +77,8 @@ def status_of(exc: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(exc, AdapterNotFound):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, RegistryUnavailable):
+        return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, AdapterRefused):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, (bundles.BundleError, SequenceError, ValueError)):
@@ -126,14 +128,15 @@ class AdapterServer:
         self._batch.set_max_batch_size(self.config.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self._model_thread.submit(self.engine.embed, [WARMUP]).result()  # ready once the base has run
-        self.metrics.set_tiers(self.engine.tiers())
+        self.metrics.set_tiers(self.engine.tiers(), self.engine.registry.problem is None)
         log.info("AdapterServer ready: base %s (%s) on %s, %d adapter versions in %s", self.base.name,
                  self.base.fingerprint[:12], device, len(self.engine.registry.entries()), self.config.registry)
 
     def check_health(self) -> None:
-        """Serve's health probe: the base is loaded and the registry readable."""
-        self.engine.registry.entries()
-        self.metrics.set_tiers(self.engine.tiers())
+        """Serve's health probe. An unreadable registry does not fail it (a restart cannot bring a
+        volume back and would drop what is loaded): it shows in ListAdapters.registry_problem and
+        in the esm_registry_readable gauge instead."""
+        self.metrics.set_tiers(self.engine.tiers(), self.engine.registry.problem is None)
 
     # ---- batching --------------------------------------------------------------------------
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
@@ -144,7 +147,7 @@ class AdapterServer:
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._model_thread, self.engine.predict, [item[:3] for item in items])
         self.metrics.latency.observe(time.perf_counter() - started, tags={"stage": "model"})
-        self.metrics.set_tiers(self.engine.tiers())
+        self.metrics.set_tiers(self.engine.tiers(), self.engine.registry.problem is None)
         return results
 
     # ---- RPCs ------------------------------------------------------------------------------
@@ -226,7 +229,8 @@ class AdapterServer:
             self.auth.check(metadata_of(grpc_context))
         except Unauthenticated as exc:
             return fail(grpc_context, exc, pb.ListAdaptersResponse())
-        response = pb.ListAdaptersResponse(base_fingerprint=self.base.fingerprint, base_name=self.base.name)
+        response = pb.ListAdaptersResponse(base_fingerprint=self.base.fingerprint, base_name=self.base.name,
+                                           registry_problem=self.engine.registry.problem or "")
         for entry in self.engine.registry.entries():
             s = entry.summary()
             info = response.adapters.add(name=s["name"], version=s["version"], task=s["task"] or "",

@@ -25,7 +25,7 @@ from modeling.encoder import EsmEncoder
 from modeling.heads import PER_RESIDUE, REGRESSION, HeadSpec, build_head, residues
 from modeling.lora import ATTENTION_TARGETS, PEFT_PREFIX
 from serving.multilora import SlotContext, wrap_targets
-from serving.registry import AdapterRefused, Registry
+from serving.registry import AdapterRefused, Registry, RegistryUnavailable
 
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -261,7 +261,9 @@ class Engine:
         start = time.perf_counter()
         try:
             adapter = self._read(entry.ref, entry.folder)
-        except (bundles.BundleError, ValueError, RuntimeError, KeyError) as exc:
+        except (bundles.BundleError, ValueError, RuntimeError, KeyError, OSError) as exc:
+            if not self.registry.readable():  # the volume went away, the bundle did not go bad
+                raise RegistryUnavailable(f"adapter {entry.ref}: registry unreadable; retry later") from exc
             self.registry.mark_refused(entry.ref, str(exc))
             self.stats["refusals"] += 1
             self._event("refusal", refusal_kind(str(exc)), 0.0)

@@ -31,6 +31,7 @@ class ServiceMetrics:
         self.load_latency = Histogram("esm_adapter_load_seconds", "Disk to servable (CPU tier) load time",
                                       boundaries=LATENCY_BOUNDS)
         self.resident = Gauge("esm_adapters_resident", "Adapters resident per tier", tag_keys=("tier",))
+        self.registry_readable = Gauge("esm_registry_readable", "1 while the registry folder can be read")
         self._labels: set[str] = set()
         self._lock = threading.Lock()
 
@@ -55,6 +56,7 @@ class ServiceMetrics:
         if event == "load":
             self.load_latency.observe(seconds)
 
-    def set_tiers(self, tiers: dict[str, int]) -> None:
+    def set_tiers(self, tiers: dict[str, int], registry_readable: bool = True) -> None:
         for tier, count in tiers.items():
             self.resident.set(count, tags={"tier": tier})
+        self.registry_readable.set(1 if registry_readable else 0)

@@ -40,6 +40,10 @@ class AdapterRefused(RuntimeError):
     pass
 
 
+class RegistryUnavailable(RuntimeError):
+    """The registry volume cannot be read right now (transient: UNAVAILABLE, not a refusal)."""
+
+
 @dataclass
 class Entry:
     name: str
@@ -77,12 +81,21 @@ class Registry:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listeners = []
+        self.problem: str | None = None  # why the last scan failed, if it did
         self.refresh()
 
+    def readable(self) -> bool:
+        """Re-checked at load time: a missing file then means the volume, not the bundle."""
+        return self.root.is_dir()
+
     def refresh(self) -> tuple[set[str], set[str]]:
-        """Rescan; returns (added refs, removed refs)."""
+        """Rescan; returns (added refs, removed refs). If the folder cannot be read (a volume gone
+        or failing), everything listed stays listed and `problem` says why: what is loaded keeps
+        serving, and a volume that comes back is picked up by the next scan."""
         found: dict[str, Entry] = {}
-        if self.root.is_dir():
+        try:
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"registry folder {self.root} does not exist")
             for name_dir in self.root.iterdir():
                 if name_dir.name.startswith(".") or not name_dir.is_dir():
                     continue
@@ -96,6 +109,10 @@ class Registry:
                     entry = self._entry(name_dir.name, int(vdir.name), vdir)
                     if entry is not None:
                         found[entry.ref] = entry
+        except OSError as exc:
+            self.problem = f"registry unreadable: {exc}"
+            return set(), set()
+        self.problem = None
         with self._lock:
             added = set(found) - set(self._entries)
             removed = set(self._entries) - set(found)

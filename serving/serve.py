@@ -47,7 +47,8 @@ def service_args(ns: argparse.Namespace) -> dict:
 
 
 def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, num_cpus: float = 0.5,
-          num_gpus: float = 0.0, ray_cpus: int | None = None, http_port: int = 0, token: str | None = None):
+          num_gpus: float = 0.0, ray_cpus: int | None = None, http_port: int = 0, token: str | None = None,
+          max_ongoing_requests: int | None = None, max_queued_requests: int = 1024, access_log: bool = False):
     """Embedded Ray + Serve on loopback; returns once the app is RUNNING (base loaded, warm)."""
     import ray
     from ray import serve
@@ -69,7 +70,10 @@ def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, 
     config = ServiceConfig.from_args(args)
     app = AdapterServer.options(
         num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-        max_ongoing_requests=max(256, 2 * config.max_batch_size)).bind(
+        max_ongoing_requests=max_ongoing_requests or max(256, 2 * config.max_batch_size),
+        max_queued_requests=max_queued_requests,
+        # A log line per request costs the replica CPU it needs for the model; metrics count requests.
+        logging_config={"enable_access_log": access_log}).bind(
         {f.name: getattr(config, f.name) for f in fields(ServiceConfig)})
     serve.run(app, name=APP_NAME, route_prefix="/")
     wait_until_routable(f"127.0.0.1:{grpc_port}", token=token)
@@ -108,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--replica-cpus", type=float, default=1.0)
     parser.add_argument("--replica-gpus", type=float, default=0.0)
+    parser.add_argument("--access-log", action="store_true", help="log every request (Ray Serve access log)")
+    parser.add_argument("--max-queued-requests", type=int, default=1024,
+                        help="requests the proxy queues before answering RESOURCE_EXHAUSTED (-1: no limit)")
     add_service_flags(parser)
     ns = parser.parse_args(argv)
     args = service_args(ns)
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     token = auth.token().decode() if auth.enabled else None
     log.info("starting: %s%s", json.dumps(args), " (bearer-token auth on)" if auth.enabled else "")
-    start(args, ns.grpc_port, ns.metrics_port, ns.replicas, ns.replica_cpus, ns.replica_gpus, token=token)
+    start(args, ns.grpc_port, ns.metrics_port, ns.replicas, ns.replica_cpus, ns.replica_gpus, token=token,
+          max_queued_requests=ns.max_queued_requests, access_log=ns.access_log)
     adapters = wait_until_routable(f"127.0.0.1:{ns.grpc_port}", token=token)
     ok = sum(a.status == "ok" for a in adapters.adapters)
     log.info("serving gRPC on 0.0.0.0:%d (reflection on), metrics on http://127.0.0.1:%d/metrics; "

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import copy
+import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from modeling import bundle as bundles
 from modeling.heads import HeadSpec, PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
@@ -42,3 +46,24 @@ def make_bundle(base, registry: Path, name: str, rank: int = 4, kind: str = PER_
     staged = bundles.staging_dir(registry)
     bundles.write_bundle(staged, manifest, tensors, json_files)
     return bundles.publish(staged, registry, name)
+
+
+def make_constant_bundle(base, registry: Path, name: str, value: float, seed: int = 0) -> Path:
+    """A regression adapter whose answer is `value` for every sequence (its head ignores the
+    encoder), so a response names the adapter and version that produced it. Built aside, then
+    published into `registry` in one atomic step."""
+    with tempfile.TemporaryDirectory() as scratch:
+        built = make_bundle(base, Path(scratch), name, kind=REGRESSION, rank=2, seed=seed)
+        head = load_file(built / bundles.HEAD_WEIGHTS)
+        for tensor in head.values():
+            tensor.zero_()
+        manifest = json.loads((built / bundles.MANIFEST).read_text())
+        output = manifest["output"]
+        head[sorted(k for k in head if k.endswith("bias"))[-1]].fill_(
+            (value - output["target_mean"]) / output["target_std"])
+        save_file(head, built / bundles.HEAD_WEIGHTS)
+        manifest["files"] = {f: bundles.sha256_file(built / f) for f in manifest["files"]}
+        (built / bundles.MANIFEST).write_text(json.dumps(manifest))
+        staged = bundles.staging_dir(registry)
+        shutil.copytree(built, staged, dirs_exist_ok=True)
+        return bundles.publish(staged, registry, name)

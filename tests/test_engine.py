@@ -14,7 +14,7 @@ from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
 from modeling.lora import LoraSpec
 from modeling.model import load_task_model
 from serving.engine import Engine, EngineConfig, NoFreeSlot, SlotTable
-from serving.registry import AdapterNotFound, AdapterRefused
+from serving.registry import AdapterNotFound, AdapterRefused, RegistryUnavailable
 
 ATOL = 1e-4  # stated tolerance: unmerged-batched vs merged vs peft, float32 on CPU
 
@@ -196,6 +196,26 @@ def test_concurrent_loads_of_one_adapter_read_it_once(tiny_base_dir, registry):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         adapters = list(pool.map(lambda _: engine.load("c"), range(8)))
     assert all(a is adapters[0] for a in adapters) and engine.stats["loads"] == 1
+
+
+def test_a_vanished_registry_keeps_what_is_loaded_serving(tiny_base_dir, registry):
+    base = load_base(str(tiny_base_dir))
+    make_bundle(base, registry, "a", rank=2)
+    make_bundle(base, registry, "b", rank=2, seed=1)
+    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=4))
+    served = engine.predict([("a", "MKTAYIAK")])[0].labels
+    gone = registry.rename(registry.parent / "unmounted")
+    # Before the next scan notices: a load that finds files missing is transient, not a refusal.
+    result = engine.predict([("a", "MKTAYIAK"), ("b", "MKTAYIAK")])
+    assert result[0].labels == served and isinstance(result[1], RegistryUnavailable)
+    engine.registry.refresh()
+    assert "registry unreadable" in engine.registry.problem
+    assert {e.ref for e in engine.registry.entries()} == {"a@1", "b@1"}  # nothing dropped
+    assert all(e.status == "ok" for e in engine.registry.entries())
+    assert engine.predict([("a", "MKTAYIAK")])[0].labels == served
+    gone.rename(registry)  # the volume comes back
+    engine.registry.refresh()
+    assert engine.registry.problem is None and engine.predict([("b", "MKTAYIAK")])[0].labels
 
 
 def test_hot_add_and_remove(tiny_base_dir, registry):

@@ -1,17 +1,20 @@
 """End to end: a real Ray Serve on loopback, called over real gRPC, metrics scraped for real."""
 import concurrent.futures
 import json
+import random
 import re
 import socket
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from bundles import make_bundle
+from bundles import make_bundle, make_constant_bundle
 from conftest import random_sequences, tiny_hf_folder
 from modeling.base import load_base
 from modeling.heads import SEQUENCE_CLASS
@@ -121,7 +124,7 @@ def test_list_adapters_and_reflection(server):
     by_name = {a.name: a for a in listed.adapters}
     assert by_name["ss"].status == "ok" and by_name["ss"].rank == 4
     assert by_name["toobig"].status == "refused" and "r_max" in by_name["toobig"].reason
-    assert listed.base_fingerprint == server["base"].fingerprint
+    assert listed.base_fingerprint == server["base"].fingerprint and listed.registry_problem == ""
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
     stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(server["target"]))
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
@@ -147,7 +150,8 @@ def test_metrics_endpoint(server):
     codes = {(s.labels["adapter"], s.labels["code"]) for s in families["ray_esm_requests"].samples}
     assert ("ss", "OK") in codes and ("_unknown", "NOT_FOUND") in codes
     for name in ("ray_esm_request_latency_seconds", "ray_esm_batch_size", "ray_esm_batch_distinct_adapters",
-                 "ray_esm_batch_padding_ratio", "ray_esm_adapter_events", "ray_esm_adapters_resident"):
+                 "ray_esm_batch_padding_ratio", "ray_esm_adapter_events", "ray_esm_adapters_resident",
+                 "ray_esm_registry_readable"):
         assert name in families, name
     stages = {s.labels.get("stage") for s in families["ray_esm_request_latency_seconds"].samples}
     assert {"queue", "model", "total"} <= stages
@@ -158,3 +162,105 @@ def test_metrics_endpoint(server):
                for name in re.findall(r"\b(ray_[a-z_]+)\b", target["expr"])}
     exported = {sample.name for family in families.values() for sample in family.samples}
     assert queried and queried <= exported, queried - exported
+
+
+# ---- bad input, fuzzed: every request gets a defined status and the server keeps serving ------
+DEFINED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED}
+TEXT = st.characters(exclude_categories=("Cs",))  # protobuf strings are valid UTF-8 by construction
+HOSTILE_NAMES = ["../etc/passwd", "/etc/passwd", "ss/../../x", "ss\x00", "a" * 10_000, "ss@", "ss@-1",
+                 "ss@99999999999999999999", "", " ss", "SS", "..", ".", "ss@1", "toobig", "~root", "C:\\x"]
+SEQUENCES = st.lists(st.one_of(
+    st.text(TEXT, max_size=60),
+    st.text(st.sampled_from("ACDEFGHIKLMNPQRSTVWYXBZUOacdefgh \n\t\x00*-."), max_size=5000)), max_size=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(adapter=st.one_of(st.sampled_from(HOSTILE_NAMES), st.text(TEXT, max_size=80)), sequences=SEQUENCES,
+       crop=st.booleans(), probabilities=st.booleans())
+def test_fuzzed_predict_gets_a_defined_status(server, adapter, sequences, crop, probabilities):
+    try:
+        response = client.predict(server["target"], adapter, sequences, probabilities, crop, timeout=60)
+        assert len(response.predictions) == len(sequences)
+    except grpc.RpcError as exc:
+        assert exc.code() in DEFINED, (exc.code(), exc.details())
+
+
+def test_extreme_requests_are_refused_and_the_server_keeps_serving(server):
+    t = server["target"]
+    assert code_of(lambda: client.predict(t, "ss", ["MKT"] * 10_000))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    huge = "A" * (5 * 2**20)  # over gRPC's 4 MiB default message limit
+    assert code_of(lambda: client.predict(t, "ss", [huge], crop=True))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for name in ("../etc/passwd", "/etc/passwd", "ss\x00", "a" * 10_000):
+        assert code_of(lambda: client.predict(t, name, ["MKT"]))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    # Bytes that are not UTF-8 where the proto says string: the request cannot even be parsed.
+    raw = grpc.insecure_channel(t).unary_unary("/esm_adapters.v1.AdapterService/Predict",
+                                               request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as error:
+        raw(b"\x0a\x04\xff\xfe\xfd\xfc\x12\x03MKT", metadata=client.APP_METADATA, timeout=30)
+    assert error.value.code() != grpc.StatusCode.OK
+    assert client.predict(t, "ss", ["MKTAYIAK"]).predictions[0].labels  # still healthy
+    assert client.list_adapters(t).registry_problem == ""
+
+
+# ---- uploads and removals under load ----------------------------------------------------------
+def test_uploads_removals_and_a_replacement_under_load_never_answer_wrongly(server):
+    """16 callers keep calling while 50 adapters are pushed, 10 removed and one replaced. Each
+    adapter answers a constant that names it and its version, so a wrong answer cannot hide."""
+    target, registry, base = server["target"], server["registry"], server["base"]
+    value_of: dict[str, float] = {}  # "name@version" -> the constant it answers
+    live: list[str] = []  # names the callers may use (listed by the server)
+    removed: set[str] = set()
+    lock, stop, outcomes = threading.Lock(), threading.Event(), []
+
+    def caller(seed: int):
+        rng = random.Random(seed)
+        with client.AdapterClient(target) as c:
+            while not stop.is_set():
+                with lock:
+                    name = rng.choice(live) if live else None
+                if name is None:
+                    time.sleep(0.01)
+                    continue
+                try:
+                    r = c.predict(name, ["MKTAYIAK"], timeout=60)
+                    outcomes.append((name, r.adapter, r.predictions[0].value, None))
+                except grpc.RpcError as exc:
+                    outcomes.append((name, None, None, exc.code()))
+
+    def publish(name: str, value: float):
+        folder = make_constant_bundle(base, registry, name, value)
+        ref = f"{name}@{folder.name}"
+        value_of[ref] = value
+        deadline = time.monotonic() + 10
+        while ref not in {f"{a.name}@{a.version}" for a in client.list_adapters(target).adapters}:
+            assert time.monotonic() < deadline, f"{ref} not listed within 10 s"
+            time.sleep(0.05)
+        return ref
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(50):
+            publish(f"up{i}", float(i))
+            with lock:
+                live.append(f"up{i}")
+        for i in range(10):
+            with lock:
+                live.remove(f"up{i}")
+                removed.add(f"up{i}")
+            reg.remove(f"up{i}", registry)
+        replacement = publish("up20", 1000.0)  # a new version of a live adapter
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    answered = [o for o in outcomes if o[3] is None]
+    failed = [o for o in outcomes if o[3] is not None]
+    assert len(answered) > 200, len(answered)
+    for asked, adapter, value, _ in answered:
+        assert adapter.split("@")[0] == asked and value == pytest.approx(value_of[adapter], abs=1e-3), (asked, adapter)
+    assert all(code == grpc.StatusCode.NOT_FOUND and asked in removed for asked, *_, code in failed), failed[:5]
+    assert any(adapter == replacement for _, adapter, *_ in answered[-200:])  # the new version serves

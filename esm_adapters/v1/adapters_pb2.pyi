@@ -95,14 +95,16 @@ class AdapterInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., task: _Optional[str] = ..., rank: _Optional[int] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., mode: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
-    __slots__ = ("adapters", "base_fingerprint", "base_name")
+    __slots__ = ("adapters", "base_fingerprint", "base_name", "registry_problem")
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     BASE_NAME_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_PROBLEM_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
     base_fingerprint: str
     base_name: str
-    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., base_fingerprint: _Optional[str] = ..., base_name: _Optional[str] = ...) -> None: ...
+    registry_problem: str
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., base_fingerprint: _Optional[str] = ..., base_name: _Optional[str] = ..., registry_problem: _Optional[str] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("sequences", "per_residue")

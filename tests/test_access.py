@@ -1,5 +1,8 @@
-"""Bearer-token auth: every RPC of a real Ray Serve deployment refuses a missing or wrong token
-with UNAUTHENTICATED, accepts the right one, follows a rotated token file, and counts refusals."""
+"""Access on a real Ray Serve deployment. Bearer-token auth: every RPC refuses a missing or wrong
+token with UNAUTHENTICATED, accepts the right one, follows a rotated token file, counts refusals.
+Limits: a full request queue answers RESOURCE_EXHAUSTED instead of growing, and the service keeps
+serving."""
+import concurrent.futures
 import os
 import socket
 import subprocess
@@ -37,7 +40,7 @@ def server(tmp_path_factory):
     grpc_port, metrics_port = free_port(), free_port()
     args = {"registry": str(registry), "base": str(base_dir), "r_max": 8, "auth_token_file": str(token_file)}
     service.start(args, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2, http_port=free_port(),
-                  token="first-secret")
+                  token="first-secret", max_ongoing_requests=1, max_queued_requests=1)
     yield {"target": f"127.0.0.1:{grpc_port}", "metrics": metrics_port, "token_file": token_file}
     service.stop()
 
@@ -113,3 +116,14 @@ def test_token_check_fails_at_start_on_a_missing_or_empty_token(tmp_path):
     (tmp_path / "t").write_text("abc")
     with pytest.raises(Unauthenticated):
         TokenCheck(str(tmp_path / "t")).check((("authorization", "Bearer abd"),))
+
+
+def test_a_full_queue_answers_resource_exhausted_and_keeps_serving(server):
+    """One request in the replica and one queued at the proxy; the rest are turned away at once."""
+    target, heavy = server["target"], ["M" + "A" * 1000] * 64
+    call = lambda _: status(lambda: client.predict(target, "ss", heavy, timeout=120, token="first-secret"))
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(call, range(16)))
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes, codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert client.predict(target, "ss", ["MKTAY"], token="first-secret").predictions[0].labels
