@@ -41,10 +41,15 @@ class BundleError(ValueError):
     """A bundle that must not be loaded; the message says why."""
 
 
+def shown(text: str, limit: int = 80) -> str:
+    """A user-supplied string quoted for an error message, cut short (messages travel as headers)."""
+    return repr(text[:limit]) + (f" ({len(text)} characters)" if len(text) > limit else "")
+
+
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise BundleError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '-', '_' or '.', "
-                          f"starting with a letter or digit")
+        raise BundleError(f"invalid adapter name {shown(str(name))}: use 1-64 letters, digits, '-', '_' "
+                          f"or '.', starting with a letter or digit")
     return name
 
 
@@ -55,7 +60,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     if not sep:
         return name, None
     if not version.isdigit() or len(version) > 9 or int(version) < 1:
-        raise BundleError(f"invalid version in {ref!r}: expected a positive integer")
+        raise BundleError(f"invalid version in {shown(ref)}: expected a positive integer")
     return name, int(version)
 
 

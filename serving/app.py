@@ -86,6 +86,9 @@ def status_of(exc: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+MAX_DETAILS = 1000
+
+
 def metadata_of(grpc_context) -> tuple:
     return tuple(grpc_context.invocation_metadata()) if grpc_context is not None else ()
 
@@ -94,7 +97,7 @@ def fail(grpc_context, exc: Exception, empty):
     """Answer with exc's status and message (the server keeps serving)."""
     if grpc_context is not None:
         grpc_context.set_code(status_of(exc))
-        grpc_context.set_details(str(exc))
+        grpc_context.set_details(str(exc)[:MAX_DETAILS])  # details travel as a header: keep it small
     return empty
 
 
