@@ -38,7 +38,7 @@ def sequences(n: int, seed: int) -> list[str]:
     return random.Random(seed).sample(pool, n)
 
 
-def publish_random_adapters(base, registry: Path, count: int, rank: int) -> list[str]:
+def publish_random_adapters(base, registry: Path, count: int, rank: int, prefix: str = "bench") -> list[str]:
     names = []
     for i in range(count):
         torch.manual_seed(i)
@@ -57,8 +57,8 @@ def publish_random_adapters(base, registry: Path, count: int, rank: int) -> list
         bundles.write_bundle(staged, manifest, {bundles.ADAPTER_WEIGHTS: tensors,
                                                 bundles.HEAD_WEIGHTS: model.head.state_dict()},
                              {bundles.ADAPTER_CONFIG: config})
-        bundles.publish(staged, registry, f"bench{i}")
-        names.append(f"bench{i}")
+        bundles.publish(staged, registry, f"{prefix}{i}")
+        names.append(f"{prefix}{i}")
     return names
 
 
