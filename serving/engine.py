@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import nullcontext
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +146,7 @@ class EngineConfig:
     return_residue_probabilities: bool = False
     # Load adapters named by queued requests in the background. None = on a GPU only: there the
     # host idles during the forward; on CPU the forward already uses every core and a concurrent
-    # load slows it (bench/engine.py: cold_traffic_prefetch_speedup 0.83 on 2 cores).
+    # load slows it (bench/engine.py: cold_traffic_prefetch_speedup 0.76-0.83 on 2 cores).
     prefetch: bool | None = None
 
 
