@@ -2,7 +2,8 @@
 
   python -m serving.client predict --adapter sec_str-r16 --sequence MKTAYIAK... [--fasta file] [--target host:port]
   python -m serving.client list [--target host:port]
-  --token-file FILE (or $ESM_ADAPTERS_AUTH_TOKEN_FILE / $ESM_ADAPTERS_AUTH_TOKEN) when the service requires a token
+  --token-file FILE (or $ESM_ADAPTERS_AUTH_TOKEN_FILE / $ESM_ADAPTERS_AUTH_TOKEN) when the service requires a token;
+  --tls or --tls-ca FILE for a TLS endpoint (serving.tls_front)
 """
 from __future__ import annotations
 
@@ -31,9 +32,14 @@ class AdapterClient:
     """One channel for many calls (channels are thread-safe; a new one per call costs a
     connection set-up each time). Use as a context manager or call close()."""
 
-    def __init__(self, target: str, token: str | None = None):
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_POLICY))])
+    def __init__(self, target: str, token: str | None = None, tls: bool = False, tls_ca: str | None = None):
+        """tls: connect with TLS trusting the system's CAs, or only the PEM file tls_ca."""
+        options = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_POLICY))]
+        if tls or tls_ca:
+            roots = open(tls_ca, "rb").read() if tls_ca else None
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.AdapterServiceStub(self.channel)
         self.metadata = APP_METADATA + ((("authorization", f"Bearer {token}"),) if token else ())
 
@@ -57,14 +63,14 @@ class AdapterClient:
 
 
 def predict(target: str, adapter: str, sequences: list[str], probabilities: bool = False,
-            crop: bool = False, timeout: float = 60.0, token: str | None = None) -> pb.PredictResponse:
+            crop: bool = False, timeout: float = 60.0, token: str | None = None, **tls) -> pb.PredictResponse:
     """One call on a channel of its own (scripts, tests); use AdapterClient for many."""
-    with AdapterClient(target, token) as c:
+    with AdapterClient(target, token, **tls) as c:
         return c.predict(adapter, sequences, probabilities, crop, timeout)
 
 
-def list_adapters(target: str, timeout: float = 30.0, token: str | None = None) -> pb.ListAdaptersResponse:
-    with AdapterClient(target, token) as c:
+def list_adapters(target: str, timeout: float = 30.0, token: str | None = None, **tls) -> pb.ListAdaptersResponse:
+    with AdapterClient(target, token, **tls) as c:
         return c.list_adapters(timeout)
 
 
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:9000")
     parser.add_argument("--token-file", help="bearer token for a service with auth (or $ESM_ADAPTERS_AUTH_TOKEN[_FILE])")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
+    parser.add_argument("--tls-ca", help="connect with TLS, trusting this PEM certificate/CA")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict")
     p.add_argument("--adapter", required=True)
@@ -121,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list")
     args = parser.parse_args(argv)
     try:
-        token = token_from(args.token_file)
+        token, tls = token_from(args.token_file), {"tls": args.tls, "tls_ca": args.tls_ca}
         if args.command == "list":
-            response = list_adapters(args.target, token=token)
+            response = list_adapters(args.target, token=token, **tls)
             print(f"base {response.base_name} {response.base_fingerprint[:12]}")
             for a in response.adapters:
                 metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(a.metrics.items()))
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             named += read_fasta(args.fasta)
         if not named:
             parser.error("give --sequence or --fasta")
-        response = predict(args.target, args.adapter, [s for _, s in named], crop=args.crop, token=token)
+        response = predict(args.target, args.adapter, [s for _, s in named], crop=args.crop, token=token, **tls)
         print(render(response, [n for n, _ in named], [s.upper()[:1022] for _, s in named]))
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -115,8 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--access-log", action="store_true", help="log every request (Ray Serve access log)")
     parser.add_argument("--max-queued-requests", type=int, default=1024,
                         help="requests the proxy queues before answering RESOURCE_EXHAUSTED (-1: no limit)")
+    parser.add_argument("--tls-port", type=int, help="also serve TLS here (serving.tls_front), with:")
+    parser.add_argument("--tls-cert", help="PEM certificate chain for --tls-port")
+    parser.add_argument("--tls-key", help="PEM private key for --tls-port")
     add_service_flags(parser)
     ns = parser.parse_args(argv)
+    if ns.tls_port and not (ns.tls_cert and ns.tls_key):
+        parser.error("--tls-port needs --tls-cert and --tls-key")
     args = service_args(ns)
     try:
         ServiceConfig.from_args(args)
@@ -136,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     ok = sum(a.status == "ok" for a in adapters.adapters)
     log.info("serving gRPC on 0.0.0.0:%d (reflection on), metrics on http://127.0.0.1:%d/metrics; "
              "%d adapter versions found (%d servable)", ns.grpc_port, ns.metrics_port, len(adapters.adapters), ok)
+    front = None
+    if ns.tls_port:
+        from serving import tls_front
+        with open(ns.tls_cert, "rb") as cert, open(ns.tls_key, "rb") as key:
+            front = tls_front.start(f"0.0.0.0:{ns.tls_port}", f"127.0.0.1:{ns.grpc_port}", cert.read(), key.read())
+        log.info("TLS on 0.0.0.0:%d", ns.tls_port)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
@@ -143,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     log.info("shutting down")
+    if front is not None:
+        front.stop(grace=5)
     stop()
     return 0
 

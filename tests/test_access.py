@@ -1,7 +1,7 @@
 """Access on a real Ray Serve deployment. Bearer-token auth: every RPC refuses a missing or wrong
 token with UNAUTHENTICATED, accepts the right one, follows a rotated token file, counts refusals.
-Limits: a full request queue answers RESOURCE_EXHAUSTED instead of growing, and the service keeps
-serving."""
+TLS: terminated by serving.tls_front in front of the proxy. Limits: a full request queue answers
+RESOURCE_EXHAUSTED instead of growing, and the service keeps serving."""
 import concurrent.futures
 import os
 import socket
@@ -19,7 +19,7 @@ from conftest import tiny_hf_folder
 from esm_adapters.v1 import adapters_pb2 as pb
 from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
 from modeling.base import load_base
-from serving import client, serve as service
+from serving import client, serve as service, tls_front
 from serving.auth import TOKEN_FILE_ENV, TokenCheck, Unauthenticated
 
 
@@ -127,3 +127,32 @@ def test_a_full_queue_answers_resource_exhausted_and_keeps_serving(server):
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes, codes
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert client.predict(target, "ss", ["MKTAY"], token="first-secret").predictions[0].labels
+
+
+def test_tls_front_forwards_every_call_with_its_token(server, tmp_path):
+    """TLS terminated by serving.tls_front in front of the plaintext Ray Serve proxy."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    port = free_port()
+    front = tls_front.start(f"127.0.0.1:{port}", server["target"], cert.read_bytes(), key.read_bytes())
+    try:
+        secure = f"localhost:{port}"
+        tls = {"tls_ca": str(cert)}
+        assert client.predict(secure, "ss", ["MKTAY"], token="first-secret", **tls).predictions[0].labels
+        assert client.list_adapters(secure, token="first-secret", **tls).adapters[0].name == "ss"
+        # The token still matters, the status passes through, and plaintext is not accepted.
+        assert status(lambda: client.predict(secure, "ss", ["MKT"], token="wrong", **tls)) \
+            == grpc.StatusCode.UNAUTHENTICATED
+        assert status(lambda: client.predict(secure, "nope", ["MKT"], token="first-secret", **tls)) \
+            == grpc.StatusCode.NOT_FOUND
+        assert status(lambda: client.predict(f"127.0.0.1:{port}", "ss", ["MKT"], token="first-secret", timeout=5)) \
+            == grpc.StatusCode.UNAVAILABLE
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+        channel = grpc.secure_channel(secure, grpc.ssl_channel_credentials(cert.read_bytes()))
+        replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
+        assert "esm_adapters.v1.AdapterService" in {s.name for r in replies for s in r.list_services_response.service}
+    finally:
+        front.stop(None)

@@ -218,6 +218,24 @@ def test_secrets_are_mounted_where_the_service_is_told_to_look():
 
 
 @pytest.mark.parametrize("values_set", ["production-gpu", "everything-on"])
+def test_tls_front_beside_every_ray_container_and_the_only_way_in(values_set):
+    from serving.tls_front import make_parser
+    docs = render(values_set)
+    ray_service = only(docs, "RayService")
+    (grpc_port,) = [p for p in ray_service["spec"]["serveService"]["spec"]["ports"] if p["name"] == "grpc"]
+    for name, spec in pod_specs(docs).items():
+        if name == "job":
+            continue
+        (front,) = [c for c in spec["containers"] if c["name"] == "tls-front"]
+        assert front["command"] == ["python3", "-m", "serving.tls_front"]
+        args = make_parser().parse_args(front["args"])  # flags the code accepts
+        assert args.listen.endswith(f":{grpc_port['targetPort']}")  # the Service reaches TLS only
+        assert args.target == f"127.0.0.1:{serve_config(docs)['grpc_options']['port']}"
+        mounts = {m["name"]: m["mountPath"] for m in front["volumeMounts"]}
+        assert args.cert.startswith(mounts["tls"] + "/") and args.key.startswith(mounts["tls"] + "/")
+
+
+@pytest.mark.parametrize("values_set", ["production-gpu", "everything-on"])
 def test_training_job_runs_a_command_training_accepts(values_set):
     from training.fit import parse_args
     job = only(render(values_set), "Job")

@@ -119,3 +119,28 @@ imagePullSecrets:
   {{- end }}
 {{- end }}
 {{- end -}}
+
+
+{{/* TLS terminator beside each Ray container: Ray Serve's gRPC proxy speaks plaintext only. */}}
+{{- define "esm.tlsSidecar" -}}
+{{- if .Values.tls.enabled }}
+- name: tls-front
+  image: {{ include "esm.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["python3", "-m", "serving.tls_front"]
+  args:
+    - --listen=0.0.0.0:{{ .Values.tls.port }}
+    - --target=127.0.0.1:{{ .Values.serve.grpcPort }}
+    - --cert=/etc/esm-adapters/tls/tls.crt
+    - --key=/etc/esm-adapters/tls/tls.key
+  ports:
+    - {name: grpcs, containerPort: {{ .Values.tls.port }}}
+  resources:
+    {{- toYaml .Values.tls.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.containerSecurityContext | nindent 4 }}
+  volumeMounts:
+    - {name: tls, mountPath: /etc/esm-adapters/tls, readOnly: true}
+    - {name: tmp, mountPath: /tmp}
+{{- end }}
+{{- end -}}
