@@ -81,7 +81,6 @@ def paired_single(engine: Engine, target: str, requests: list[tuple[str, str]]) 
     caller = client.AdapterClient(target)
     caller.list_adapters()
     served, direct, errors = [], [], 0
-    start = time.perf_counter()
     for adapter, sequence in requests:
         sent = time.perf_counter()
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,10 @@ def sec_str_csv(tmp_path) -> Path:
 
 
 assert set(STANDARD) <= RESIDUES
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for a service started by a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ TLS: terminated by serving.tls_front in front of the proxy. Limits: a full reque
 RESOURCE_EXHAUSTED instead of growing, and the service keeps serving."""
 import concurrent.futures
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bundles import make_bundle
-from conftest import tiny_hf_folder
+from conftest import free_port, tiny_hf_folder
 from esm_adapters.v1 import adapters_pb2 as pb
 from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
 from modeling.base import load_base
 from serving import client, serve as service, tls_front
 from serving.auth import TOKEN_FILE_ENV, TokenCheck, Unauthenticated
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

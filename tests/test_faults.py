@@ -3,7 +3,6 @@ the gRPC proxy are killed under load. Ray Serve replaces them; callers using the
 policy see a bounded number of errors; afterwards every adapter answers as before and the registry
 is untouched."""
 import hashlib
-import socket
 import threading
 import time
 from collections import Counter
@@ -12,16 +11,10 @@ import grpc
 import pytest
 
 from bundles import make_bundle
-from conftest import tiny_hf_folder
+from conftest import free_port, tiny_hf_folder
 from modeling.base import load_base
 from modeling.heads import SEQUENCE_CLASS
 from serving import client, serve as service
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def registry_digest(root) -> str:

@@ -3,7 +3,6 @@ import concurrent.futures
 import json
 import random
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -15,19 +14,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from bundles import make_bundle, make_constant_bundle
-from conftest import random_sequences, tiny_hf_folder
+from conftest import free_port, random_sequences, tiny_hf_folder
 from modeling.base import load_base
 from modeling.heads import SEQUENCE_CLASS
 from serving import client, registry as reg, serve as service
 from serving.engine import Engine, EngineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
