@@ -59,7 +59,7 @@ ENV PATH=/opt/venv/bin:$PATH TORCH_HOME=/opt/esm HF_HOME=/home/esm/.cache/huggin
     RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
 USER 10001:10001
 VOLUME ["/mnt/adapters"]
-EXPOSE 9000 9100
+EXPOSE 9000 9100 9443
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
     CMD ["python3", "-m", "serving.client", "--target", "127.0.0.1:9000", "list"]
 CMD ["python3", "-m", "serving.serve", "--registry", "/mnt/adapters", "--grpc-port", "9000", "--metrics-port", "9100"]
