@@ -1,4 +1,5 @@
-"""The Helm chart, rendered by the real `helm` binary and checked against the real schemas.
+"""The Helm chart, rendered by the real `helm` binary, checked against the real schemas, and its
+serve config deployed onto a real Ray cluster the way KubeRay does it.
 
 Kubernetes objects: the schemas `kubernetes-validate` ships (strict: unknown fields fail).
 RayService: the openAPIV3Schema of KubeRay's CRD (tests/k8s/), with unknown fields refused the way
@@ -13,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
@@ -287,3 +289,46 @@ def test_grafana_dashboard_is_shipped_whole():
     dashboard = json.loads(next(iter(only(render("everything-on"), "ConfigMap")["data"].values())))
     assert dashboard == json.loads((CHART / "files" / "dashboard.json").read_text())
     assert all(target["expr"] for panel in dashboard["panels"] for target in panel["targets"])
+
+
+def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
+    """What KubeRay does with serveConfigV2, done for real: `serve deploy` through the Ray
+    dashboard's REST API onto a running cluster, then Predict over gRPC (CPU values file)."""
+    import os
+
+    import ray
+    from ray import serve
+
+    from bundles import make_bundle
+    from conftest import free_port, tiny_hf_folder
+    from modeling.base import load_base
+    from serving import client
+    from serving.serve import wait_until_routable
+    base_dir = tiny_hf_folder(tmp_path / "base")
+    registry = tmp_path / "adapters"
+    make_bundle(load_base(str(base_dir)), registry, "ss", rank=4, seed=1)
+    grpc_port, http_port, dashboard_port = free_port(), free_port(), free_port()
+    out = helm("template", "esm", str(CHART), *VALUE_SETS["cpu-kind"], "--set",
+               f"registry.mountPath={registry},model.base={base_dir},serve.grpcPort={grpc_port},"
+               f"serve.httpPort={http_port},service.r_max=8")
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(only(docs, "RayService")["spec"]["serveConfigV2"])
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit 107 bytes
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+             _temp_dir=ray_tmp, logging_level="WARNING")
+    try:
+        deploy = subprocess.run([shutil.which("serve", path=str(Path(sys.prefix) / "bin")) or "serve", "deploy",
+                                 str(config), "--address", f"http://127.0.0.1:{dashboard_port}"],
+                                capture_output=True, text=True, timeout=300)
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        target = f"127.0.0.1:{grpc_port}"
+        wait_until_routable(target, timeout=240)
+        response = client.predict(target, "ss", ["MKTAYIAKQR"])
+        assert response.adapter == "ss@1" and len(response.predictions[0].labels) == 10
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
