@@ -7,7 +7,9 @@ concurrency 1, 8 and 64, with 1 and with 64 adapters in the traffic; throughput,
 latency and errors. The engine's own figures for the same traffic, measured in this run, give the
 ratios: `c64_mixed64_over_engine` (service / engine throughput) and `p50_c1_over_engine_ms`
 (service p50 at concurrency 1 minus the in-process engine's p50 for the same requests, each pair
-timed back to back while the service runs, for 1 and for 64 adapters).
+timed back to back while the service runs, for 1 and for 64 adapters) and
+`p50_c1_over_own_model_ms` (per request: client latency minus the model time the replica reports
+for that same request in the `esm-model-ms` trailing metadata; the median).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from esm_adapters.v1 import adapters_pb2 as pb
 from modeling.base import load_base
 from serving import client
 from serving import serve as service
-from serving.app import ServiceConfig
+from serving.app import MODEL_MS, ServiceConfig
 from serving.engine import Engine, EngineConfig
 
 
@@ -80,14 +82,19 @@ def paired_single(engine: Engine, target: str, requests: list[tuple[str, str]]) 
     so the difference of the medians is the service's own cost."""
     caller = client.AdapterClient(target)
     caller.list_adapters()
-    served, direct, errors = [], [], 0
+    served, direct, beyond_model, errors = [], [], [], 0
     for adapter, sequence in requests:
         sent = time.perf_counter()
         try:
-            caller.predict(adapter, [sequence], timeout=300)
+            _, call = caller.stub.Predict.with_call(pb.PredictRequest(adapter=adapter, sequences=[sequence]),
+                                                    metadata=caller.metadata, timeout=300)
+            model_ms = float(dict(call.trailing_metadata())[MODEL_MS])
         except grpc.RpcError:
             errors += 1
+            model_ms = None
         served.append(time.perf_counter() - sent)
+        if model_ms is not None:  # the same request's own model time, measured in the replica
+            beyond_model.append(served[-1] * 1000 - model_ms)
         began = time.perf_counter()
         engine.predict([(adapter, sequence)])
         direct.append(time.perf_counter() - began)
@@ -98,7 +105,8 @@ def paired_single(engine: Engine, target: str, requests: list[tuple[str, str]]) 
     return {"sequences_per_s": round(len(requests) / wall, 2), "residues_per_s": round(residues / wall, 1),
             "p50_ms": round(p50, 1), "p95_ms": round(percentile(served, 95) * 1000, 1),
             "p99_ms": round(percentile(served, 99) * 1000, 1), "errors": errors,
-            "engine_p50_ms": round(engine_p50, 1), "p50_over_engine_ms": round(p50 - engine_p50, 1)}
+            "engine_p50_ms": round(engine_p50, 1), "p50_over_engine_ms": round(p50 - engine_p50, 1),
+            "p50_over_own_model_ms": round(percentile(beyond_model, 50), 1)}
 
 
 def main() -> None:
@@ -140,6 +148,8 @@ def main() -> None:
     out["errors"] = sum(v["errors"] for k, v in out.items() if k.startswith("c") and isinstance(v, dict))
     out["c64_mixed64_over_engine"] = round(out["c64_adapters64"]["sequences_per_s"] / out["engine"]["mixed64_sequences_per_s"], 3)
     out["p50_c1_over_engine_ms"] = {f"adapters{a}": out[f"c1_adapters{a}"]["p50_over_engine_ms"] for a in (1, 64)}
+    out["p50_c1_over_own_model_ms"] = {f"adapters{a}": out[f"c1_adapters{a}"]["p50_over_own_model_ms"]
+                                       for a in (1, 64)}
     print(json.dumps(out))
 
 

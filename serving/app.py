@@ -87,6 +87,9 @@ def status_of(exc: Exception) -> grpc.StatusCode:
 
 
 MAX_DETAILS = 1000
+# Trailing metadata on every answered Predict: milliseconds in the model (the batch that held the
+# request's sequences) and in the replica altogether (queue + model + our code).
+MODEL_MS, SERVER_MS = "esm-model-ms", "esm-server-ms"
 
 
 def metadata_of(grpc_context) -> tuple:
@@ -149,9 +152,10 @@ class AdapterServer:
             self.metrics.latency.observe(started - enqueued, tags={"stage": "queue"})
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._model_thread, self.engine.predict, [item[:3] for item in items])
-        self.metrics.latency.observe(time.perf_counter() - started, tags={"stage": "model"})
+        model_seconds = time.perf_counter() - started
+        self.metrics.latency.observe(model_seconds, tags={"stage": "model"})
         self.metrics.set_tiers(self.engine.tiers(), self.engine.registry.problem is None)
-        return results
+        return [(result, model_seconds) for result in results]
 
     # ---- RPCs ------------------------------------------------------------------------------
     async def Predict(self, request: pb.PredictRequest, grpc_context=None) -> pb.PredictResponse:
@@ -163,13 +167,18 @@ class AdapterServer:
             label = self.metrics.adapter_label(entry.name, True)
             self.engine.prefetch(ref)  # a cold adapter loads while the batch ahead of it runs
             now = time.perf_counter()
-            results = await asyncio.gather(*[
+            outcomes = await asyncio.gather(*[
                 self._batch((ref, seq, request.residue_probabilities, now)) for seq in sequences])
+            results = [result for result, _ in outcomes]
             for result in results:
                 if isinstance(result, Exception):
                     raise result
             response = self._response(entry, results, cropped)
             code = grpc.StatusCode.OK
+            if grpc_context is not None:  # like HTTP's Server-Timing: where the time went
+                grpc_context.set_trailing_metadata([
+                    (MODEL_MS, f"{1000 * max(seconds for _, seconds in outcomes):.2f}"),
+                    (SERVER_MS, f"{1000 * (time.perf_counter() - started):.2f}")])
         except Exception as exc:  # every failure becomes a defined status; the server keeps serving
             code = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from bundles import make_bundle, make_constant_bundle
+from esm_adapters.v1 import adapters_pb2 as pb
 from conftest import free_port, random_sequences, tiny_hf_folder
 from modeling.base import load_base
 from modeling.heads import SEQUENCE_CLASS
@@ -128,6 +129,18 @@ def test_list_adapters_and_reflection(server):
     assert serve_api.Healthz(serve_pb2.HealthzRequest(), timeout=10).message == "success"
     apps = serve_api.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=10)
     assert "esm-adapters" in apps.application_names
+
+
+def test_predict_reports_where_the_time_went(server):
+    from serving.app import MODEL_MS, SERVER_MS
+    stub = client.AdapterClient(server["target"])
+    started = time.perf_counter()
+    _, call = stub.stub.Predict.with_call(pb.PredictRequest(adapter="ss", sequences=["MKTAYIAK", "MKT"]),
+                                          metadata=stub.metadata, timeout=60)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    timing = {k: float(v) for k, v in call.trailing_metadata() if k in (MODEL_MS, SERVER_MS)}
+    assert 0 < timing[MODEL_MS] <= timing[SERVER_MS] <= elapsed_ms
+    stub.close()
 
 
 def test_metrics_endpoint(server):
