@@ -6,8 +6,8 @@ Single-sequence Predict requests (real FLIP sequences, 50-500 residues, fixed se
 concurrency 1, 8 and 64, with 1 and with 64 adapters in the traffic; throughput, p50/p95/p99
 latency and errors. The engine's own figures for the same traffic, measured in this run, give the
 ratios: `c64_mixed64_over_engine` (service / engine throughput) and `p50_c1_over_engine_ms`
-(service p50 at concurrency 1 minus the in-process engine's p50 for the same requests, each pair
-timed back to back while the service runs, for 1 and for 64 adapters) and
+(service p50 at concurrency 1 minus the in-process engine's p50 for the same requests, timed
+while the service runs idle, for 1 and for 64 adapters) and
 `p50_c1_over_own_model_ms` (per request: client latency minus the model time the replica reports
 for that same request in the `esm-model-ms` trailing metadata; the median).
 """
@@ -76,30 +76,30 @@ def load(target: str, requests: list[tuple[str, str]], concurrency: int) -> dict
             "p99_ms": round(percentile(latencies, 99) * 1000, 1), "errors": len(errors)}
 
 
-def paired_single(engine: Engine, target: str, requests: list[tuple[str, str]]) -> dict:
-    """Concurrency 1, each request timed through the service and, right after, through the
-    in-process engine: both under the same background load (Ray's processes share the cores),
-    so the difference of the medians is the service's own cost."""
+def single(engine: Engine, target: str, requests: list[tuple[str, str]]) -> dict:
+    """Concurrency 1: every request through the service, then the same requests through the
+    in-process engine while the service idles (interleaving them would leave this process's
+    OpenMP threads spinning during the service calls). Two overheads: client latency minus the
+    model time the replica reports for that same request, and the difference of the medians."""
     caller = client.AdapterClient(target)
     caller.list_adapters()
-    served, direct, beyond_model, errors = [], [], [], 0
+    served, beyond_model, errors = [], [], 0
     for adapter, sequence in requests:
         sent = time.perf_counter()
         try:
             _, call = caller.stub.Predict.with_call(pb.PredictRequest(adapter=adapter, sequences=[sequence]),
                                                     metadata=caller.metadata, timeout=300)
-            model_ms = float(dict(call.trailing_metadata())[MODEL_MS])
+            beyond_model.append((time.perf_counter() - sent) * 1000 - float(dict(call.trailing_metadata())[MODEL_MS]))
         except grpc.RpcError:
             errors += 1
-            model_ms = None
         served.append(time.perf_counter() - sent)
-        if model_ms is not None:  # the same request's own model time, measured in the replica
-            beyond_model.append(served[-1] * 1000 - model_ms)
+    caller.close()
+    direct = []
+    for adapter, sequence in requests:
         began = time.perf_counter()
         engine.predict([(adapter, sequence)])
         direct.append(time.perf_counter() - began)
     wall = sum(served)
-    caller.close()
     residues = sum(len(s) for _, s in requests)
     p50, engine_p50 = percentile(served, 50) * 1000, percentile(direct, 50) * 1000
     return {"sequences_per_s": round(len(requests) / wall, 2), "residues_per_s": round(residues / wall, 1),
@@ -140,7 +140,7 @@ def main() -> None:
         try:
             load(target, traffic[64][:64], 64)  # warm: every adapter loaded on the replica
             for adapters in (1, 64):
-                out[f"c1_adapters{adapters}"] = paired_single(engine, target, traffic[adapters][:16] * 3)
+                out[f"c1_adapters{adapters}"] = single(engine, target, traffic[adapters][:16] * 3)
                 for concurrency in (8, 64):
                     out[f"c{concurrency}_adapters{adapters}"] = load(target, traffic[adapters], concurrency)
         finally:
