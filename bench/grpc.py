@@ -114,11 +114,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--base")
     parser.add_argument("--batch-wait", type=float, default=ServiceConfig.batch_wait_timeout_s)
+    # CPU trade-off: one replica using every core (lowest latency) or one single-threaded replica
+    # per core (highest throughput under load: no OpenMP barrier waits on preempted threads).
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--torch-threads", type=int, default=0, help="per replica; 0 = every core")
     args = parser.parse_args()
     base = load_base(args.base)
     seqs = sequences(args.requests, seed=0)
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, device cpu", "base": base.name,
-                 "requests_per_level": args.requests, "batch_wait_timeout_s": args.batch_wait}
+                 "requests_per_level": args.requests, "batch_wait_timeout_s": args.batch_wait,
+                 "replicas": args.replicas, "torch_threads_per_replica": args.torch_threads or os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         registry = Path(tmp) / "adapters"
         names = publish_random_adapters(base, registry, 64, 16)
@@ -134,7 +139,8 @@ def main() -> None:
 
         grpc_port, metrics_port = free_port(), free_port()
         service.start({"registry": str(registry), "base": args.base, "max_batch_size": 64,
-                       "batch_wait_timeout_s": args.batch_wait}, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2,
+                       "batch_wait_timeout_s": args.batch_wait, "torch_threads": args.torch_threads},
+                      grpc_port, metrics_port, num_replicas=args.replicas, num_cpus=0.5, ray_cpus=2,
                       http_port=free_port())
         target = f"127.0.0.1:{grpc_port}"
         try:
