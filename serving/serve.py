@@ -11,14 +11,13 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
-import threading
 from dataclasses import fields
 
 import yaml
 
+from serving import tls_front
 from serving.app import SERVICER, ServiceConfig
 from serving.auth import TokenCheck
 
@@ -143,16 +142,10 @@ def main(argv: list[str] | None = None) -> int:
              "%d adapter versions found (%d servable)", ns.grpc_port, ns.metrics_port, len(adapters.adapters), ok)
     front = None
     if ns.tls_port:
-        from serving import tls_front
         with open(ns.tls_cert, "rb") as cert, open(ns.tls_key, "rb") as key:
             front = tls_front.start(f"0.0.0.0:{ns.tls_port}", f"127.0.0.1:{ns.grpc_port}", cert.read(), key.read())
         log.info("TLS on 0.0.0.0:%d", ns.tls_port)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    try:
-        done.wait()
-    except KeyboardInterrupt:
-        pass
+    tls_front.wait_for_termination()
     log.info("shutting down")
     if front is not None:
         front.stop(grace=5)

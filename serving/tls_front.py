@@ -67,6 +67,16 @@ def start(listen: str, target: str, cert: bytes, key: bytes, workers: int = 64) 
     return server
 
 
+def wait_for_termination() -> None:
+    """Block until SIGTERM (Kubernetes, Docker) or Ctrl-C."""
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving.tls_front", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,12 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log.info("TLS on %s -> %s", args.listen, args.target)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    try:
-        done.wait()
-    except KeyboardInterrupt:
-        pass
+    wait_for_termination()
     server.stop(grace=5)
     return 0
 
