@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bundles import make_bundle, make_constant_bundle
 from esm_adapters.v1 import adapters_pb2 as pb
+from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
 from conftest import free_port, random_sequences, tiny_hf_folder
 from modeling.base import load_base
 from modeling.heads import SEQUENCE_CLASS
@@ -189,6 +190,18 @@ def test_fuzzed_predict_gets_a_defined_status(server, adapter, sequences, crop, 
     try:
         response = client.predict(server["target"], adapter, sequences, probabilities, crop, timeout=60)
         assert len(response.predictions) == len(sequences)
+    except grpc.RpcError as exc:
+        assert exc.code() in DEFINED, (exc.code(), exc.details())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(sequences=SEQUENCES, per_residue=st.booleans())
+def test_fuzzed_embed_gets_a_defined_status(server, sequences, per_residue):
+    stub = pb_grpc.AdapterServiceStub(grpc.insecure_channel(server["target"]))
+    try:
+        response = stub.Embed(pb.EmbedRequest(sequences=sequences, per_residue=per_residue),
+                              metadata=client.APP_METADATA, timeout=60)
+        assert len(response.embeddings) == len(sequences)
     except grpc.RpcError as exc:
         assert exc.code() in DEFINED, (exc.code(), exc.details())
 
