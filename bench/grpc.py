@@ -45,35 +45,50 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
+class InFlight:
+    """Keeps at most `concurrency` Predict calls in flight on one channel, sent asynchronously from
+    one thread (so the load generator takes little of the CPU it shares with the service).
+    records: (finished at, seconds, error code or None) per call."""
+
+    def __init__(self, target: str, concurrency: int):
+        self.caller = client.AdapterClient(target)
+        self.caller.list_adapters()  # connected before the first timed call
+        self.concurrency, self.window = concurrency, threading.Semaphore(concurrency)
+        self.records: list[tuple[float, float, str | None]] = []
+
+    def send(self, adapter: str, sequence: str) -> None:
+        self.window.acquire()
+        sent = time.perf_counter()
+        future = self.caller.stub.Predict.future(pb.PredictRequest(adapter=adapter, sequences=[sequence]),
+                                                 metadata=self.caller.metadata, timeout=300)
+        future.add_done_callback(lambda f: self._done(f, sent))
+
+    def _done(self, future, sent: float) -> None:
+        now = time.perf_counter()
+        error = future.exception().code().name if future.exception() is not None else None
+        self.records.append((now, now - sent, error))
+        self.window.release()
+
+    def close(self) -> None:
+        """Wait for the calls still in flight, then close the channel."""
+        for _ in range(self.concurrency):
+            self.window.acquire()
+        self.caller.close()
+
+
 def load(target: str, requests: list[tuple[str, str]], concurrency: int) -> dict:
-    """Keep `concurrency` requests in flight on one channel (asynchronous calls from one thread,
-    so the load generator takes little of the CPU it shares with the service)."""
-    latencies, errors = [], []
-    window = threading.Semaphore(concurrency)
-    caller = client.AdapterClient(target)
-    caller.list_adapters()  # connect before the clock starts
-
-    def finished(future, sent):
-        latencies.append(time.perf_counter() - sent)
-        if future.exception() is not None:
-            errors.append(future.exception().code().name)
-        window.release()
-
+    flight = InFlight(target, concurrency)
     start = time.perf_counter()
     for adapter, sequence in requests:
-        window.acquire()
-        sent = time.perf_counter()
-        future = caller.stub.Predict.future(pb.PredictRequest(adapter=adapter, sequences=[sequence]),
-                                            metadata=client.APP_METADATA, timeout=300)
-        future.add_done_callback(lambda f, sent=sent: finished(f, sent))
-    for _ in range(concurrency):  # wait for the last ones
-        window.acquire()
+        flight.send(adapter, sequence)
+    flight.close()
     wall = time.perf_counter() - start
-    caller.close()
+    latencies = [seconds for _, seconds, _ in flight.records]
     residues = sum(len(s) for _, s in requests)
     return {"sequences_per_s": round(len(requests) / wall, 2), "residues_per_s": round(residues / wall, 1),
             "p50_ms": round(percentile(latencies, 50) * 1000, 1), "p95_ms": round(percentile(latencies, 95) * 1000, 1),
-            "p99_ms": round(percentile(latencies, 99) * 1000, 1), "errors": len(errors)}
+            "p99_ms": round(percentile(latencies, 99) * 1000, 1),
+            "errors": sum(error is not None for *_, error in flight.records)}
 
 
 def single(engine: Engine, target: str, requests: list[tuple[str, str]]) -> dict:

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 from bench.engine import publish_random_adapters, sequences
-from bench.grpc import free_port, percentile
-from esm_adapters.v1 import adapters_pb2 as pb
+from bench.grpc import InFlight, free_port, percentile
 from modeling.base import load_base
-from serving import client, registry as reg
+from serving import registry as reg
 from serving import serve as service
 
 WINDOW_S = 30
@@ -45,32 +44,35 @@ def replica_rss_mb() -> float:
 
 
 class Load:
-    """Keeps `concurrency` Predict calls in flight until stopped; records (end time, seconds, error)."""
+    """Calls a random live adapter with a random sequence, `concurrency` calls in flight, until stopped."""
 
-    def __init__(self, target: str, seqs: list[str], concurrency: int):
-        self.caller = client.AdapterClient(target)
-        self.seqs, self.window = seqs, threading.Semaphore(concurrency)
-        self.live: list[str] = []
+    def __init__(self, target: str, seqs: list[str], concurrency: int, live: list[str]):
+        self.flight = InFlight(target, concurrency)
+        self.seqs, self.live = seqs, live
         self.lock, self.stop = threading.Lock(), threading.Event()
-        self.records: list[tuple[float, float, str | None]] = []
         self.rng = random.Random(0)
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.window.acquire()
             with self.lock:
                 adapter = self.rng.choice(self.live)
-            sent = time.perf_counter()
-            future = self.caller.stub.Predict.future(
-                pb.PredictRequest(adapter=adapter, sequences=[self.rng.choice(self.seqs)]),
-                metadata=self.caller.metadata, timeout=120)
-            future.add_done_callback(lambda f, sent=sent: self._done(f, sent))
+            self.flight.send(adapter, self.rng.choice(self.seqs))
 
-    def _done(self, future, sent: float) -> None:
-        now = time.perf_counter()
-        error = future.exception().code().name if future.exception() is not None else None
-        self.records.append((now, now - sent, error))
-        self.window.release()
+    def retire(self, name: str) -> None:
+        """Stop naming an adapter (calls already sent may still be in flight)."""
+        with self.lock:
+            self.live.remove(name)
+
+    def add(self, name: str) -> None:
+        with self.lock:
+            self.live.append(name)
+
+
+def window_stats(records: list, since: float, t_s: int) -> dict:
+    recent = [r for r in records if r[0] >= since]
+    return {"t_s": t_s, "requests": len(recent), "errors": sum(error is not None for *_, error in recent),
+            "p99_ms": round(percentile([seconds for _, seconds, _ in recent], 99) * 1000, 1) if recent else None,
+            "replica_rss_mb": replica_rss_mb()}
 
 
 def main() -> None:
@@ -90,48 +92,38 @@ def main() -> None:
         grpc_port = free_port()
         service.start({"registry": str(registry), "base": args.base}, grpc_port, free_port(), num_cpus=0.5,
                       ray_cpus=2, http_port=free_port())
-        load = Load(f"127.0.0.1:{grpc_port}", sequences(200, seed=1), args.concurrency)
-        load.live = list(names)
+        load = Load(f"127.0.0.1:{grpc_port}", sequences(200, seed=1), args.concurrency, list(names))
         driver = threading.Thread(target=load.run, daemon=True)
         start = time.perf_counter()
         driver.start()
-        uploads, removals, windows, uploaded = 0, 0, [], []
+        uploads, windows, uploaded = 0, [], []  # uploaded: the uploads not yet removed
         next_upload, next_window = start + args.upload_every, start + WINDOW_S
         try:
             while time.perf_counter() - start < args.minutes * 60:
                 time.sleep(0.5)
                 now = time.perf_counter()
                 if now >= next_upload:  # publish one, retire the oldest upload (stop naming it first)
-                    fresh = publish_random_adapters(base, registry, 1, 16, prefix=f"soak{uploads}-")[0]
-                    uploaded.append(fresh)
+                    uploaded.append(publish_random_adapters(base, registry, 1, 16, prefix=f"soak{uploads}-")[0])
                     uploads += 1
                     time.sleep(1.0)  # visible to the replica within its 0.5 s poll
-                    with load.lock:
-                        load.live.append(fresh)
+                    load.add(uploaded[-1])
                     if len(uploaded) > 4:
-                        old = uploaded.pop(0)
-                        with load.lock:
-                            load.live.remove(old)
+                        load.retire(uploaded[0])
                         time.sleep(0.5)  # let calls already naming it finish
-                        reg.remove(old, registry)
-                        removals += 1
+                        reg.remove(uploaded.pop(0), registry)
                     next_upload += args.upload_every
                 if now >= next_window:
-                    recent = [r for r in load.records if r[0] >= next_window - WINDOW_S]
-                    windows.append({"t_s": round(now - start), "requests": len(recent),
-                                    "errors": sum(r[2] is not None for r in recent),
-                                    "p99_ms": round(percentile([r[1] for r in recent], 99) * 1000, 1) if recent else None,
-                                    "replica_rss_mb": replica_rss_mb()})
+                    windows.append(window_stats(load.flight.records, next_window - WINDOW_S, round(now - start)))
                     next_window += WINDOW_S
         finally:
             load.stop.set()
             driver.join(timeout=60)
-            time.sleep(2)
+            load.flight.close()
             service.stop()
-    errors = [r[2] for r in load.records if r[2] is not None]
+    errors = [error for *_, error in load.flight.records if error is not None]
     warm = [w for w in windows if w["t_s"] >= max(60, args.minutes * 60 * 0.2)] or windows
-    out.update(requests=len(load.records), errors=len(errors), error_codes=sorted(set(errors)),
-               uploads=uploads, removals=removals, windows=windows,
+    out.update(requests=len(load.flight.records), errors=len(errors), error_codes=sorted(set(errors)),
+               uploads=uploads, removals=uploads - len(uploaded), windows=windows,
                p99_ms_after_warmup={"first": warm[0]["p99_ms"], "last": warm[-1]["p99_ms"]} if warm else None,
                rss_mb_after_warmup={"first": warm[0]["replica_rss_mb"], "last": warm[-1]["replica_rss_mb"]} if warm else None,
                rss_growth_after_warmup=round(warm[-1]["replica_rss_mb"] / warm[0]["replica_rss_mb"] - 1, 4)

@@ -37,6 +37,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODES = ("lora", "frozen", "full")
 
 
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class BundleError(ValueError):
     """A bundle that must not be loaded; the message says why."""
 
@@ -180,9 +183,15 @@ def read_bundle(folder: Path) -> Bundle:
 
     def tensors(fname: str) -> dict[str, torch.Tensor]:
         try:
-            return load_file(folder / fname) if fname in manifest["files"] else {}
+            group = load_file(folder / fname) if fname in manifest["files"] else {}
         except Exception as exc:  # safetensors raises its own error types
             raise BundleError(f"{folder}: {fname} is not a valid safetensors file ({exc})") from exc
+        for key, tensor in group.items():  # checksums prove integrity, not sanity
+            if tensor.dtype not in WEIGHT_DTYPES:
+                raise BundleError(f"{key}: dtype {tensor.dtype} is not a weight dtype {WEIGHT_DTYPES}")
+            if not torch.isfinite(tensor).all():
+                raise BundleError(f"{key}: weights are not finite (NaN or Inf)")
+        return group
 
     config = None
     if ADAPTER_CONFIG in manifest["files"]:

@@ -134,15 +134,18 @@ class AdapterServer:
         self._batch.set_max_batch_size(self.config.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self._model_thread.submit(self.engine.embed, [WARMUP]).result()  # ready once the base has run
-        self.metrics.set_tiers(self.engine.tiers(), self.engine.registry.problem is None)
+        self._update_gauges()
         log.info("AdapterServer ready: base %s (%s) on %s, %d adapter versions in %s", self.base.name,
                  self.base.fingerprint[:12], device, len(self.engine.registry.entries()), self.config.registry)
+
+    def _update_gauges(self) -> None:
+        self.metrics.set_tiers(self.engine.tiers(), self.engine.registry.problem is None)
 
     def check_health(self) -> None:
         """Serve's health probe. An unreadable registry does not fail it (a restart cannot bring a
         volume back and would drop what is loaded): it shows in ListAdapters.registry_problem and
         in the esm_registry_readable gauge instead."""
-        self.metrics.set_tiers(self.engine.tiers(), self.engine.registry.problem is None)
+        self._update_gauges()
 
     # ---- batching --------------------------------------------------------------------------
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
@@ -154,7 +157,7 @@ class AdapterServer:
         results = await loop.run_in_executor(self._model_thread, self.engine.predict, [item[:3] for item in items])
         model_seconds = time.perf_counter() - started
         self.metrics.latency.observe(model_seconds, tags={"stage": "model"})
-        self.metrics.set_tiers(self.engine.tiers(), self.engine.registry.problem is None)
+        self._update_gauges()
         return [(result, model_seconds) for result in results]
 
     # ---- RPCs ------------------------------------------------------------------------------

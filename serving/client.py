@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import grpc
 
 from esm_adapters.v1 import adapters_pb2 as pb
 from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
-from serving.auth import TOKEN_ENV, TOKEN_FILE_ENV
+from serving.auth import TokenCheck
 
 APP_METADATA = (("application", "esm-adapters"),)  # Ray Serve routes gRPC by application name
 # Every AdapterService call is idempotent (reads only), so a call that finds the service
@@ -77,10 +76,8 @@ def list_adapters(target: str, timeout: float = 30.0, token: str | None = None, 
 def token_from(path: str | None) -> str | None:
     """--token-file, else the same variables the service reads (so a container's health check
     authenticates as itself): $ESM_ADAPTERS_AUTH_TOKEN_FILE, $ESM_ADAPTERS_AUTH_TOKEN; else none."""
-    path = path or os.environ.get(TOKEN_FILE_ENV)
-    if path:
-        return open(path).read().strip()
-    return os.environ.get(TOKEN_ENV) or None
+    check = TokenCheck(path)
+    return check.token().decode() if check.enabled else None
 
 
 def read_fasta(path: str) -> list[tuple[str, str]]:
@@ -148,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"error: token file: {exc}", file=sys.stderr)
+    except ValueError as exc:  # a missing or empty token file
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -149,6 +149,9 @@ class Registry:
             if ref in self._entries:
                 self._entries[ref].reason = reason
 
+    def __len__(self) -> int:
+        return len(self._entries)  # a count for gauges, without sorting
+
     def entries(self) -> list[Entry]:
         with self._lock:
             return sorted(self._entries.values(), key=lambda e: (e.name, e.version))

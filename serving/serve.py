@@ -48,7 +48,8 @@ def service_args(ns: argparse.Namespace) -> dict:
 def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, num_cpus: float = 0.5,
           num_gpus: float = 0.0, ray_cpus: int | None = None, http_port: int = 0, token: str | None = None,
           max_ongoing_requests: int | None = None, max_queued_requests: int = 1024, access_log: bool = False):
-    """Embedded Ray + Serve on loopback; returns once the app is RUNNING (base loaded, warm)."""
+    """Embedded Ray + Serve on loopback; returns the first ListAdapters answer once the app is
+    RUNNING (base loaded, warm) and routable."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -75,7 +76,7 @@ def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, 
         logging_config={"enable_access_log": access_log}).bind(
         {f.name: getattr(config, f.name) for f in fields(ServiceConfig)})
     serve.run(app, name=APP_NAME, route_prefix="/")
-    wait_until_routable(f"127.0.0.1:{grpc_port}", token=token)
+    return wait_until_routable(f"127.0.0.1:{grpc_port}", token=token)
 
 
 def wait_until_routable(target: str, timeout: float = 60.0, token: str | None = None):
@@ -134,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     token = auth.token().decode() if auth.enabled else None
     log.info("starting: %s%s", json.dumps(args), " (bearer-token auth on)" if auth.enabled else "")
-    start(args, ns.grpc_port, ns.metrics_port, ns.replicas, ns.replica_cpus, ns.replica_gpus, token=token,
-          max_queued_requests=ns.max_queued_requests, access_log=ns.access_log)
-    adapters = wait_until_routable(f"127.0.0.1:{ns.grpc_port}", token=token)
+    adapters = start(args, ns.grpc_port, ns.metrics_port, ns.replicas, ns.replica_cpus, ns.replica_gpus,
+                     token=token, max_queued_requests=ns.max_queued_requests, access_log=ns.access_log)
     ok = sum(a.status == "ok" for a in adapters.adapters)
     log.info("serving gRPC on 0.0.0.0:%d (reflection on), metrics on http://127.0.0.1:%d/metrics; "
              "%d adapter versions found (%d servable)", ns.grpc_port, ns.metrics_port, len(adapters.adapters), ok)
