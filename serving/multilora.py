@@ -5,7 +5,7 @@ Each targeted nn.Linear of the shared base is wrapped; the wrapper holds stacked
 and reads one slot index per sequence from a shared `SlotContext`. Slot 0 stays all zeros (no
 adapter). The LoRA term is two batched matmuls over the gathered slots, so the number of kernel
 launches per layer is the same whether a batch holds 1 or 64 distinct adapters.
-fair-esm layers are time-first (T, B, E): sequences live on axis 1.
+Inputs are batch-first (B, T, d_in), as the encoder's layers run.
 """
 from __future__ import annotations
 
@@ -37,13 +37,12 @@ class MultiLoraLinear(nn.Module):
         slots = self.context.slots
         if slots is None:
             return y
-        xb = x.transpose(0, 1)  # (B, T, d_in)
-        h = torch.bmm(xb, self.lora_a[slots].transpose(1, 2))  # (B, T, r)
+        h = torch.bmm(x, self.lora_a[slots].transpose(1, 2))  # (B, T, r)
         if self.lora_bias is None:
             delta = torch.bmm(h, self.lora_b[slots].transpose(1, 2))
         else:
             delta = torch.baddbmm(self.lora_bias[slots].unsqueeze(1), h, self.lora_b[slots].transpose(1, 2))
-        return y + delta.transpose(0, 1)
+        return y + delta
 
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float,
                   bias: torch.Tensor | None) -> None:

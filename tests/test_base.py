@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import TINY, fair_esm_checkpoint, tiny_hf_folder
-from modeling.alphabet import tokenize
+from modeling.alphabet import MASK, tokenize
 from modeling.base import BaseNotFound, load_base, resolve
-from modeling.encoder import EsmEncoder, fingerprint
+from modeling.encoder import EsmEncoder, fingerprint, stock_fair_esm
 
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "MKTLLV", "ACDEFGHIKLMNPQRSTVWYXBUZO"]
 
@@ -26,6 +26,19 @@ def test_hf_folder_matches_transformers_forward(tmp_path):
     for row, seq in enumerate(SEQS):  # padded positions are undefined in both
         torch.testing.assert_close(ours[row, :len(seq) + 2], expected[row, :len(seq) + 2],
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_matches_fair_esm_own_forward_with_and_without_padding_and_masks(tiny_base):
+    """Our fused-attention layers against fair-esm's ESM2.forward on the same weights."""
+    stock = stock_fair_esm(tiny_base.encoder)
+    masked = tokenize(SEQS)
+    masked[0, 3] = masked[2, 7] = MASK  # token dropout rescales embeddings by the masked fraction
+    for tokens in (tokenize(SEQS), tokenize(SEQS[:1]), masked):
+        with torch.no_grad():
+            expected = stock(tokens, repr_layers=[TINY.num_layers])["representations"][TINY.num_layers]
+            ours = tiny_base.encoder(tokens)
+        keep = tokens.ne(1)
+        torch.testing.assert_close(ours[keep], expected[keep], atol=1e-5, rtol=1e-4)
 
 
 def test_all_formats_load_to_identical_outputs_and_fingerprint(tmp_path):
