@@ -48,6 +48,7 @@ class EsmLayer(TransformerLayer):
         k = attn.k_proj(x).view(heads).transpose(1, 2)
         v = attn.v_proj(x).view(heads).transpose(1, 2)
         cos, sin = attn.rot_emb._update_cos_sin_tables(k, seq_dimension=-2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # the cache keys on length only, not dtype
         q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale head_dim**-0.5, as fair-esm
         return attn.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
