@@ -3,8 +3,8 @@
 Built from fair-esm's own TransformerLayer (its parameters, names and rotary tables), so LoRA targets
 are always named `layers.{i}.self_attn.{q_proj,k_proj,v_proj,out_proj}` and `layers.{i}.{fc1,fc2}`.
 The layer's forward is our own, batch-first, with torch's fused scaled-dot-product attention: the
-same maths as fair-esm's (tests compare the two), about twice as fast on CPU, because fair-esm's
-attention materialises and averages the attention weights in Python-level steps nobody here reads.
+same maths as fair-esm's (tests compare the two), about twice as fast on CPU: fair-esm's attention
+materialises the whole score matrix in separate steps and averages it into weights nobody here reads.
 The language-model and contact heads are dropped: tasks only need the final representations.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ class EsmEncoder(nn.Module):
         self.embed_tokens = nn.Embedding(len(TOKENS), shape.embed_dim, padding_idx=PAD)
         self.layers = nn.ModuleList(
             EsmLayer(shape.embed_dim, 4 * shape.embed_dim, shape.attention_heads,
-                             add_bias_kv=False, use_esm1b_layer_norm=True, use_rotary_embeddings=True)
+                     add_bias_kv=False, use_esm1b_layer_norm=True, use_rotary_embeddings=True)
             for _ in range(shape.num_layers))
         self.emb_layer_norm_after = ESM1bLayerNorm(shape.embed_dim)
 
