@@ -220,6 +220,10 @@ def main() -> None:
             cap: throughput(Engine(load_base(args.base), registry, EngineConfig(**config, max_batch_residues=cap)),
                             mixed64)["residues_per_s"] for cap in (256, 512, 1024, 2048, 4096)}
 
+        # the same 64-adapter traffic on a bfloat16 engine (bf16 instructions where the CPU has them)
+        out["mixed_64_bfloat16"] = throughput(
+            Engine(load_base(args.base), registry, EngineConfig(**config, dtype="bfloat16")), mixed64)
+
         # cold load: disk -> verified CPU tensors -> device slot, for adapters never seen before
         times = []
         for name in cold:
@@ -275,6 +279,8 @@ def main() -> None:
     out["mixed64_over_naive"] = round(out["mixed_64"]["residues_per_s"] / out["naive_peft_64"]["residues_per_s"], 3)
     out["mixed64_over_naive_our_encoder"] = round(
         out["mixed_64"]["residues_per_s"] / out["naive_peft_64_our_encoder"]["residues_per_s"], 3)
+    out["bfloat16_over_float32_mixed64"] = round(
+        out["mixed_64_bfloat16"]["residues_per_s"] / out["mixed_64"]["residues_per_s"], 3)
     out["unmerged_over_merged"] = round(out["unmerged_1"]["residues_per_s"] / out["merged_1"]["residues_per_s"], 3)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(out))

@@ -23,7 +23,7 @@ from modeling import bundle as bundles
 from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise
 from modeling.base import load_base
 from serving.auth import TokenCheck, Unauthenticated
-from serving.engine import Engine, EngineConfig, Prediction
+from serving.engine import DTYPES, Engine, EngineConfig, Prediction
 from serving.registry import AdapterNotFound, AdapterRefused, RegistryUnavailable
 
 log = logging.getLogger("serving.app")
@@ -43,6 +43,7 @@ class ServiceConfig:
     merged: list[str] = field(default_factory=list)
     merge_top_k: int = 0
     device: str = "auto"
+    dtype: str = "float32"  # or bfloat16 / float16: faster, within a stated tolerance (serving/engine.py)
     max_batch_size: int = 64
     # 0: a batch is whatever queued while the previous one ran (continuous batching); a positive
     # wait only adds latency to an idle replica (bench/grpc.py: +5 ms at concurrency 1).
@@ -61,6 +62,8 @@ class ServiceConfig:
         unknown = set(args) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown service options {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
+        if args.get("dtype", cls.dtype) not in DTYPES:
+            raise ValueError(f"dtype {args['dtype']!r}: one of {sorted(DTYPES)}")
         return cls(**args)
 
 
@@ -126,7 +129,8 @@ class AdapterServer:
             r_max=self.config.r_max, max_device_adapters=self.config.max_device_adapters,
             max_cpu_adapters=self.config.max_cpu_adapters, max_batch_size=self.config.max_batch_size,
             max_batch_residues=self.config.max_batch_residues, targets=tuple(self.config.targets),
-            merged=tuple(self.config.merged), merge_top_k=self.config.merge_top_k, device=device))
+            merged=tuple(self.config.merged), merge_top_k=self.config.merge_top_k, device=device,
+            dtype=self.config.dtype))
         self.metrics = ServiceMetrics()
         self.engine.batch_observers.append(self.metrics.on_batch)
         self.engine.event_observers.append(self.metrics.on_event)

@@ -32,6 +32,9 @@ class NoFreeSlot(RuntimeError):
     pass
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 REFUSAL_KINDS = ("fingerprint", "checksum", "r_max", "targets", "full fine-tuned", "shapes", "symlink", "finite",
                  "dtype", "safetensors", "manifest")
 
@@ -133,8 +136,8 @@ class EngineConfig:
     max_device_adapters: int = 64
     max_cpu_adapters: int = 256
     max_batch_size: int = 64
-    # Padded residues per forward pass. None = by device: on CPU small batches are faster (the
-    # (B*heads, T, T) attention tensors fall out of cache; bench/engine.py measures it), on GPU large.
+    # Padded residues per forward pass. None = by device: 512 on CPU (throughput is flat from 512
+    # up there, bench/engine.py, and shorter passes answer sooner), large on GPU.
     max_batch_residues: int | None = None
     targets: tuple[str, ...] = ATTENTION_TARGETS
     merged: tuple[str, ...] = ()  # adapter names always served from a merged copy
@@ -145,6 +148,10 @@ class EngineConfig:
     # host idles during the forward; on CPU the forward already uses every core and a concurrent
     # load slows it (bench/engine.py: cold_traffic_prefetch_speedup 0.76-0.83 on 2 cores).
     prefetch: bool | None = None
+    # Weights and activations of the shared encoder, merged copies and heads. bfloat16/float16 trade
+    # accuracy (tests/test_engine.py states the tolerance) for speed: tensor cores on a GPU, bf16
+    # instructions on recent CPUs. Adapters stay fp32 on disk and in the CPU tier.
+    dtype: str = "float32"
 
 
 @dataclass
@@ -169,10 +176,13 @@ class Engine:
         self.config = config or EngineConfig()
         self.base = base
         self.device = torch.device(self.config.device)
+        if self.config.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.config.dtype!r}: one of {sorted(DTYPES)}")
+        self.dtype = DTYPES[self.config.dtype]
         if self.config.max_batch_residues is None:
             self.config.max_batch_residues = 512 if self.device.type == "cpu" else 65536
         self.fingerprint = base.fingerprint
-        self.encoder = base.encoder.to(self.device).eval()
+        self.encoder = base.encoder.to(self.device, self.dtype).eval()
         self.context = SlotContext()
         self.layers = wrap_targets(self.encoder, self.config.targets, self.config.max_device_adapters + 1,
                                    self.config.r_max, self.context)
@@ -300,7 +310,7 @@ class Engine:
                 nbytes += sum(t.numel() * 4 for t in (a, b) + ((bias,) if bias is not None else ()))
         head = build_head(HeadSpec(**manifest["head"]))
         head.load_state_dict(bundle.head)
-        head = head.to(self.device).eval()
+        head = head.to(self.device, self.dtype).eval()
         nbytes += sum(p.numel() * p.element_size() for p in head.parameters())
         return LoadedAdapter(ref, manifest, layers, scale, head, nbytes, Path(folder), bool(layers))
 
@@ -357,7 +367,7 @@ class Engine:
         """A dedicated copy with W + s·B·A (and s·bias) folded in; the shared base is untouched."""
         merged = EsmEncoder(self.base.encoder.shape)
         merged.load_state_dict(self.base_state())  # a copy: the shared weights stay untouched
-        merged = merged.to(self.device).eval()
+        merged = merged.to(self.device).eval()  # merged in fp32, then cast to the serving dtype
         modules = dict(merged.named_modules())
         with torch.no_grad():
             for path, (a, b, bias) in self._lora_tensors(adapter).items():
@@ -365,7 +375,7 @@ class Engine:
                 linear.weight += adapter.scale * (b @ a).to(self.device)
                 if bias is not None:
                     linear.bias += adapter.scale * bias.to(self.device)
-        return merged
+        return merged.to(self.dtype)
 
     def merge(self, ref: str) -> None:
         """Serve a hot adapter from its own merged copy from now on."""

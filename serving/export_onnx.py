@@ -9,6 +9,7 @@ The adapter ref, base fingerprint and output spec travel in the model's metadata
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import warnings
@@ -43,11 +44,12 @@ def export(engine, ref: str, out: Path) -> Path:
     import onnx
 
     adapter = engine.load(ref)
-    encoder = engine.merged_encoder(adapter).cpu()
+    encoder = engine.merged_encoder(adapter).cpu().float()  # the export is fp32 whatever the engine serves
     for module in encoder.modules():  # cached rotary tables would be frozen into the graph
         if hasattr(module, "_seq_len_cached"):
             module._seq_len_cached = None
-    model = ExportModel(encoder, adapter.head.cpu(), adapter.kind).eval()
+    head = copy.deepcopy(adapter.head).cpu().float()  # the engine's own head stays on its device
+    model = ExportModel(encoder, head, adapter.kind).eval()
     # Trace on a batch that contains padding (a padding-free trace would drop the mask path).
     example = tokenize(["MKTAYIAKQRQISFVKSHFSRQ", "MKTAYIAK"])
     axes = {"tokens": {0: "batch", 1: "tokens"}, "outputs": {0: "batch"}}

@@ -274,3 +274,45 @@ def test_onnx_export_agrees_with_the_unmerged_path(tiny_base_dir, registry, tmp_
             for k in expected.probabilities:
                 assert got.probabilities[k] == pytest.approx(expected.probabilities[k], abs=ATOL)
     assert onnx.stats["batches"] >= 2 and not onnx.slots.slot_of  # ONNX path, no LoRA slots used
+
+
+# Stated tolerances of the half-precision engines against float32 (probabilities absolute,
+# regression values relative); a label may differ only where float32's top two are that close.
+HALF_TOLERANCE = {"bfloat16": 0.01, "float16": 0.002}
+
+
+@pytest.mark.parametrize("dtype", sorted(HALF_TOLERANCE))
+def test_half_precision_agrees_with_float32_within_stated_tolerance(tiny_base_dir, registry, tmp_path, dtype):
+    from serving.export_onnx import export
+    base = load_base(str(tiny_base_dir))
+    for i, kind in enumerate((PER_RESIDUE, SEQUENCE_CLASS, REGRESSION)):
+        make_bundle(base, registry, kind, kind=kind, seed=i)
+    requests = [(kind, s, True) for kind in (PER_RESIDUE, SEQUENCE_CLASS, REGRESSION)
+                for s in random_sequences(8, 5, 120, seed=2)]
+    full = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8)).predict(requests)
+    tol = HALF_TOLERANCE[dtype]
+    for merged in ((), (PER_RESIDUE, SEQUENCE_CLASS, REGRESSION)):
+        half = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8, dtype=dtype, merged=merged))
+        assert half.encoder.embed_tokens.weight.dtype == getattr(torch, dtype)
+        for expected, got in zip(full, half.predict(requests)):
+            if expected.kind == PER_RESIDUE:
+                want, have = torch.tensor(expected.residue_probabilities), torch.tensor(got.residue_probabilities)
+                assert (want - have).abs().max() <= tol
+                top2 = want.topk(2, dim=-1).values
+                clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
+                assert all(a == b for a, b, c in zip(expected.labels, got.labels, clear) if c)
+            elif expected.kind == REGRESSION:
+                assert got.value == pytest.approx(expected.value, rel=2 * tol)
+            else:
+                assert max(abs(expected.probabilities[k] - got.probabilities[k]) for k in expected.probabilities) <= tol
+    # an export from a half-precision engine runs in float32 (on the half-precision-rounded weights)
+    onnx = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8))
+    onnx.add_onnx(export(half, SEQUENCE_CLASS, tmp_path / "cls.onnx"))
+    for expected, got in zip(full, onnx.predict(requests)):
+        if expected.kind == SEQUENCE_CLASS:
+            assert got.probabilities == pytest.approx(expected.probabilities, abs=tol)
+
+
+def test_unknown_dtype_is_refused(tiny_base_dir, registry):
+    with pytest.raises(ValueError, match="dtype 'float8'"):
+        Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(dtype="float8"))

@@ -22,6 +22,7 @@ from pathlib import Path
 import jsonschema
 import kubernetes_validate
 import pytest
+import torch
 import yaml
 
 from serving.auth import TOKEN_FILE_ENV
@@ -252,12 +253,14 @@ def test_training_job_runs_a_command_training_accepts(values_set):
 def test_values_schema_matches_the_code():
     from modeling.lora import ALL_TARGETS
     from serving.app import ServiceConfig
+    from serving.engine import DTYPES
     from training.tasks import TASKS
     schema = json.loads((CHART / "values.schema.json").read_text())
     service = schema["properties"]["service"]["properties"]
     # registry and base come from registry.* and model.*, the token file from auth.* (a mounted secret)
     assert set(service) | {"registry", "base", "auth_token_file"} == {f.name for f in fields(ServiceConfig)}
     assert set(service["targets"]["items"]["enum"]) == set(ALL_TARGETS)
+    assert set(service["dtype"]["enum"]) == set(DTYPES)
     assert set(schema["properties"]["trainingJob"]["properties"]["task"]["enum"]) == set(TASKS)
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(defaults) == set(schema["properties"])
@@ -266,6 +269,7 @@ def test_values_schema_matches_the_code():
 @pytest.mark.parametrize("bad, message", [
     ("service.registery=x", "registery"),
     ("service.max_batch_size=0", "max_batch_size"),
+    ("service.dtype=float8", "dtype"),
     ("workers.gpus=-1", "gpus"),
     ("tls.enabled=true", "secretName"),
     ("image.pullPolicy=Sometimes", "pullPolicy"),
@@ -293,7 +297,8 @@ def test_grafana_dashboard_is_shipped_whole():
 
 def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
     """What KubeRay does with serveConfigV2, done for real: `serve deploy` through the Ray
-    dashboard's REST API onto a running cluster, then Predict over gRPC (CPU values file)."""
+    dashboard's REST API onto a running cluster, then Predict over gRPC (CPU values file, with
+    service.dtype set, which must reach the replica's engine)."""
     import os
 
     import ray
@@ -303,6 +308,7 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
     from conftest import free_port, tiny_hf_folder
     from modeling.base import load_base
     from serving import client
+    from serving.engine import Engine, EngineConfig
     from serving.serve import wait_until_routable
     base_dir = tiny_hf_folder(tmp_path / "base")
     registry = tmp_path / "adapters"
@@ -310,7 +316,7 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
     grpc_port, http_port, dashboard_port = free_port(), free_port(), free_port()
     out = helm("template", "esm", str(CHART), *VALUE_SETS["cpu-kind"], "--set",
                f"registry.mountPath={registry},model.base={base_dir},serve.grpcPort={grpc_port},"
-               f"serve.httpPort={http_port},service.r_max=8")
+               f"serve.httpPort={http_port},service.r_max=8,service.dtype=bfloat16")
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     config = tmp_path / "serve_config.yaml"
@@ -326,8 +332,14 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         target = f"127.0.0.1:{grpc_port}"
         wait_until_routable(target, timeout=240)
-        response = client.predict(target, "ss", ["MKTAYIAKQR"])
+        response = client.predict(target, "ss", ["MKTAYIAKQR"], probabilities=True)
         assert response.adapter == "ss@1" and len(response.predictions[0].labels) == 10
+        served = [list(p.values) for p in response.predictions[0].residue_probabilities]
+        for dtype, same in (("bfloat16", True), ("float32", False)):
+            engine = Engine(load_base(str(base_dir)), registry, EngineConfig(r_max=8, dtype=dtype))
+            expected = engine.predict([("ss", "MKTAYIAKQR", True)])[0].residue_probabilities
+            difference = (torch.tensor(served) - torch.tensor(expected)).abs().max().item()
+            assert (difference < 1e-4) == same, (dtype, difference)
     finally:
         serve.shutdown()
         ray.shutdown()

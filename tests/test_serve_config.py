@@ -25,3 +25,10 @@ def test_unknown_service_option_is_an_error():
     import pytest
     with pytest.raises(ValueError, match="unknown service options"):
         build({"registery": "x"})
+
+
+def test_unknown_dtype_is_an_error_before_any_replica_starts():
+    import pytest
+    with pytest.raises(ValueError, match="dtype 'fp8'"):
+        build({"dtype": "fp8"})
+    assert ServiceConfig.from_args({"dtype": "bfloat16"}).dtype == "bfloat16"
