@@ -23,7 +23,7 @@ from modeling import bundle as bundles
 from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise
 from modeling.base import load_base
 from serving.auth import TokenCheck, Unauthenticated
-from serving.engine import DTYPES, Engine, EngineConfig, Prediction
+from serving.engine import Engine, EngineConfig, Prediction, torch_dtype
 from serving.registry import AdapterNotFound, AdapterRefused, RegistryUnavailable
 
 log = logging.getLogger("serving.app")
@@ -62,8 +62,7 @@ class ServiceConfig:
         unknown = set(args) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown service options {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
-        if args.get("dtype", cls.dtype) not in DTYPES:
-            raise ValueError(f"dtype {args['dtype']!r}: one of {sorted(DTYPES)}")
+        torch_dtype(args.get("dtype", cls.dtype))  # refused here, before any replica starts
         return cls(**args)
 
 

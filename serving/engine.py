@@ -35,6 +35,12 @@ class NoFreeSlot(RuntimeError):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
 REFUSAL_KINDS = ("fingerprint", "checksum", "r_max", "targets", "full fine-tuned", "shapes", "symlink", "finite",
                  "dtype", "safetensors", "manifest")
 
@@ -146,7 +152,7 @@ class EngineConfig:
     return_residue_probabilities: bool = False
     # Load adapters named by queued requests in the background. None = on a GPU only: there the
     # host idles during the forward; on CPU the forward already uses every core and a concurrent
-    # load slows it (bench/engine.py: cold_traffic_prefetch_speedup 0.76-0.83 on 2 cores).
+    # load slows it (bench/engine.py: cold_traffic_prefetch_speedup 0.76-0.88 on 2 cores).
     prefetch: bool | None = None
     # Weights and activations of the shared encoder, merged copies and heads. bfloat16/float16 trade
     # accuracy (tests/test_engine.py states the tolerance) for speed: tensor cores on a GPU, bf16
@@ -176,9 +182,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.base = base
         self.device = torch.device(self.config.device)
-        if self.config.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.config.dtype!r}: one of {sorted(DTYPES)}")
-        self.dtype = DTYPES[self.config.dtype]
+        self.dtype = torch_dtype(self.config.dtype)
         if self.config.max_batch_residues is None:
             self.config.max_batch_residues = 512 if self.device.type == "cpu" else 65536
         self.fingerprint = base.fingerprint
