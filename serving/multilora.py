@@ -54,7 +54,10 @@ class MultiLoraLinear(nn.Module):
         self.lora_b[slot, :, :rank].copy_(b * scale, non_blocking=True)
         if bias is not None:
             if self.lora_bias is None:
-                self.lora_bias = self.lora_a.new_zeros(self.lora_a.shape[0], self.lora_b.shape[1])
+                zeros = self.lora_a.new_zeros(self.lora_a.shape[0], self.lora_b.shape[1])
+                if zeros.is_cuda:  # zeroed on the copy stream: finish before a batch on another stream reads it
+                    torch.cuda.current_stream(zeros.device).synchronize()
+                self.lora_bias = zeros
             self.lora_bias[slot].copy_(bias * scale, non_blocking=True)
         elif self.lora_bias is not None:
             self.lora_bias[slot].zero_()
