@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from bench.engine import publish_random_adapters, sequences
+from bench.engine import publish_random_adapters, rates, sequences
 from esm_adapters.v1 import adapters_pb2 as pb
 from modeling.base import load_base
 from serving import client
@@ -79,18 +79,19 @@ class InFlight:
         self.caller.close()
 
 
+def summary(requests: list[tuple[str, str]], wall: float, latencies: list[float]) -> dict:
+    """Throughput over `wall` seconds and latency percentiles (ms) of the calls."""
+    return {**rates(requests, wall), **{f"p{q}_ms": round(percentile(latencies, q) * 1000, 1) for q in (50, 95, 99)}}
+
+
 def load(target: str, requests: list[tuple[str, str]], concurrency: int) -> dict:
     flight = InFlight(target, concurrency)
     start = time.perf_counter()
     for adapter, sequence in requests:
         flight.send(adapter, sequence)
     flight.close()
-    wall = time.perf_counter() - start
     latencies = [seconds for _, seconds, _ in flight.records]
-    residues = sum(len(s) for _, s in requests)
-    return {"sequences_per_s": round(len(requests) / wall, 2), "residues_per_s": round(residues / wall, 1),
-            "p50_ms": round(percentile(latencies, 50) * 1000, 1), "p95_ms": round(percentile(latencies, 95) * 1000, 1),
-            "p99_ms": round(percentile(latencies, 99) * 1000, 1),
+    return {**summary(requests, time.perf_counter() - start, latencies),
             "errors": sum(error is not None for *_, error in flight.records)}
 
 
@@ -119,12 +120,8 @@ def single(engine: Engine, threads: int, target: str, requests: list[tuple[str, 
             began = time.perf_counter()
             model_thread.submit(engine.predict, [(adapter, sequence)]).result()
             direct.append(time.perf_counter() - began)
-    wall = sum(served)
-    residues = sum(len(s) for _, s in requests)
     p50, engine_p50 = percentile(served, 50) * 1000, percentile(direct, 50) * 1000
-    return {"sequences_per_s": round(len(requests) / wall, 2), "residues_per_s": round(residues / wall, 1),
-            "p50_ms": round(p50, 1), "p95_ms": round(percentile(served, 95) * 1000, 1),
-            "p99_ms": round(percentile(served, 99) * 1000, 1), "errors": errors,
+    return {**summary(requests, sum(served), served), "errors": errors,
             "engine_p50_ms": round(engine_p50, 1), "p50_over_engine_ms": round(p50 - engine_p50, 1),
             "p50_over_own_model_ms": round(percentile(beyond_model, 50), 1)}
 

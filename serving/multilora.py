@@ -48,8 +48,7 @@ class MultiLoraLinear(nn.Module):
                   bias: torch.Tensor | None) -> None:
         """Copy one adapter into `slot`; ranks below r_max are zero-padded."""
         rank = a.shape[0]
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.clear_slot(slot)
         self.lora_a[slot, :rank].copy_(a, non_blocking=True)
         self.lora_b[slot, :, :rank].copy_(b * scale, non_blocking=True)
         if bias is not None:
@@ -59,8 +58,6 @@ class MultiLoraLinear(nn.Module):
                     torch.cuda.current_stream(zeros.device).synchronize()
                 self.lora_bias = zeros
             self.lora_bias[slot].copy_(bias * scale, non_blocking=True)
-        elif self.lora_bias is not None:
-            self.lora_bias[slot].zero_()
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()

@@ -85,7 +85,7 @@ class Registry:
         self.refresh()
 
     def readable(self) -> bool:
-        """Re-checked at load time: a missing file then means the volume, not the bundle."""
+        """Whether the folder is there (a file missing at load time then means the volume, not the bundle)."""
         return self.root.is_dir()
 
     def refresh(self) -> tuple[set[str], set[str]]:
@@ -94,7 +94,7 @@ class Registry:
         serving, and a volume that comes back is picked up by the next scan."""
         found: dict[str, Entry] = {}
         try:
-            if not self.root.is_dir():
+            if not self.readable():
                 raise FileNotFoundError(f"registry folder {self.root} does not exist")
             for name_dir in self.root.iterdir():
                 if name_dir.name.startswith(".") or not name_dir.is_dir():
