@@ -119,3 +119,23 @@ def test_non_esm2_hf_folder_is_refused(tmp_path):
     (folder / "config.json").write_text(config)
     with pytest.raises(ValueError, match="not an ESM-2"):
         load_base(str(folder))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_casts_keep_rotary_positions_exact(tiny_base, dtype):
+    """In bfloat16 the positions above 256 are not integers: the rotary tables must stay float32."""
+    half = EsmEncoder(TINY)
+    half.load_state_dict(tiny_base.encoder.state_dict())
+    half = half.to(dtype)
+    tokens = tokenize(["ACDEFGHIKLMNPQRSTVWY" * 25])  # 500 residues
+    for ours, theirs in zip(half.layers, tiny_base.encoder.layers):
+        rot = ours.self_attn.rot_emb
+        assert rot.inv_freq.dtype == torch.float32
+        assert torch.equal(rot.inv_freq, theirs.self_attn.rot_emb.inv_freq)
+    with torch.no_grad():
+        half(tokens)
+        cos, _ = half.layers[0].self_attn.rot_emb._update_cos_sin_tables(tokens[:, :, None].float(), seq_dimension=1)
+    positions = torch.arange(tokens.shape[1], dtype=torch.float64)[:, None]
+    inv_freq = tiny_base.encoder.layers[0].self_attn.rot_emb.inv_freq.double()
+    expected = torch.cat([positions * inv_freq] * 2, dim=-1).cos()
+    assert (cos[0].double() - expected).abs().max() < 1e-3
