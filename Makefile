@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench protos chart clean
+.PHONY: demo test bench protos chart clean gpu-carry gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,20 @@ bench: $(STAMP)  # each prints one JSON object; minutes each on 2 CPU cores
 	$(PY) -m bench.train
 	$(PY) -m bench.engine
 	$(PY) -m bench.grpc
+
+# The GPU check (bench/gpu_check.py) on a CUDA machine whose python3 has torch, peft and safetensors
+# but neither this project's venv nor a network: `make gpu-carry` here packs what it lacks into
+# .gpu/ (fair-esm's wheel, the offline base's weights); `make gpu-check` there installs and runs it.
+GPU_PY ?= python3
+gpu-carry: $(STAMP)
+	rm -rf .gpu && mkdir -p .gpu/base
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .gpu fair-esm==2.0.0
+	base="$$($(PY) -c 'from modeling.base import offline_default_folder as f; print(f())')" && \
+	cp "$$base/config.json" "$$base/pytorch_model.bin" .gpu/base/
+
+gpu-check:
+	$(GPU_PY) -m pip install --quiet --no-index --no-deps --target .gpu/site .gpu/*.whl
+	PYTHONPATH=.gpu/site:. PYTHONUNBUFFERED=1 $(GPU_PY) -m bench.gpu_check --base .gpu/base --results bench/results
 
 protos: $(STAMP)  # regenerate the checked-in stubs (tests fail when they are stale)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/esm_adapters/v1/adapters.proto

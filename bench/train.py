@@ -32,19 +32,27 @@ def real_batches(n: int, batch: int, length: int, seed: int = 0) -> list[torch.T
 
 
 class Stepper:
-    """One optimiser step at a time, so modes can be timed interleaved (fair under noise)."""
+    """One optimiser step at a time, so modes can be timed interleaved (fair under noise).
+    `autocast`: the mixed-precision dtype (Lightning's bf16-mixed: float32 weights, bf16 compute)."""
 
-    def __init__(self, model: TaskModel):
+    def __init__(self, model: TaskModel, autocast: torch.dtype | None = None):
         self.model = model.train()
+        self.device = next(model.parameters()).device
+        self.autocast = autocast
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(self, tokens: torch.Tensor) -> float:
         start = time.perf_counter()
-        out, mask = self.model(tokens)
-        loss = F.cross_entropy(out[mask], torch.zeros(int(mask.sum()), dtype=torch.long))
+        tokens = tokens.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            out, mask = self.model(tokens)
+        target = torch.zeros(int(mask.sum()), dtype=torch.long, device=self.device)
+        loss = F.cross_entropy(out[mask].float(), target)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
 

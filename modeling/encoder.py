@@ -82,7 +82,7 @@ class EsmEncoder(nn.Module):
                 dim = 2 * rot.inv_freq.numel()
                 exponent = torch.arange(0, dim, 2, device=rot.inv_freq.device, dtype=torch.float32) / dim
                 rot.inv_freq = 1.0 / (10000 ** exponent)
-                rot._seq_len_cached = None
+        reset_rotary_caches(self)
         return self
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -103,6 +103,14 @@ class EsmEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)
         return self.emb_layer_norm_after(x)
+
+
+def reset_rotary_caches(model: nn.Module) -> None:
+    """fair-esm's rotary tables are cached by length and device only: after a cast they would keep
+    the old dtype, and under ONNX tracing they would be frozen into the graph."""
+    for module in model.modules():
+        if hasattr(module, "_seq_len_cached"):
+            module._seq_len_cached = None
 
 
 def fingerprint(encoder: EsmEncoder) -> str:

@@ -88,7 +88,8 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def _peft_config(spec: LoraSpec, num_layers: int, lora_bias: bool = False) -> LoraConfig:
+def peft_config(spec: LoraSpec, num_layers: int, lora_bias: bool = False) -> LoraConfig:
+    """PEFT's own config for `spec` (what adapter_config.json holds, via .to_dict())."""
     layers = None if spec.layers is None else sorted(spec.layers)
     if layers is not None and any(not 0 <= i < num_layers for i in layers):
         raise ValueError(f"layer_selection {layers}: the base has layers 0..{num_layers - 1}")
@@ -98,9 +99,15 @@ def _peft_config(spec: LoraSpec, num_layers: int, lora_bias: bool = False) -> Lo
                       lora_bias=lora_bias, bias="none")
 
 
+def adapter_config(spec: LoraSpec, num_layers: int, lora_bias: bool = False) -> dict:
+    """adapter_config.json: PEFT's config as JSON (its sets as sorted lists)."""
+    config = peft_config(spec, num_layers, lora_bias).to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
 def add_lora(encoder: nn.Module, spec: LoraSpec, num_layers: int) -> nn.Module:
     """Inject trainable LoRA into `encoder` in place; everything else is frozen."""
-    inject_adapter_in_model(_peft_config(spec, num_layers), encoder)
+    inject_adapter_in_model(peft_config(spec, num_layers), encoder)
     for param in encoder.parameters():
         param.requires_grad_(False)
     modules = lora_modules(encoder)
@@ -132,8 +139,7 @@ def _add_position(layer: LoraLayer):
 def export_adapter(encoder: nn.Module, spec: LoraSpec, num_layers: int) -> tuple[dict, dict]:
     """(adapter_config.json dict, adapter_model.safetensors tensors) in PEFT's own format."""
     add = spec.position_embedding == "add"
-    config = _peft_config(spec, num_layers, lora_bias=add).to_dict()
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    config = adapter_config(spec, num_layers, lora_bias=add)
     tensors = {}
     for name, m in lora_modules(encoder).items():
         a = m.lora_A["default"].weight.detach()

@@ -369,9 +369,10 @@ class Engine:
 
     def merged_encoder(self, adapter: LoadedAdapter) -> nn.Module:
         """A dedicated copy with W + s·B·A (and s·bias) folded in; the shared base is untouched."""
-        merged = EsmEncoder(self.base.encoder.shape)
+        with torch.device(self.device):  # built where it will run: a 650M init on the host takes seconds
+            merged = EsmEncoder(self.base.encoder.shape)
         merged.load_state_dict(self.base_state())  # a copy: the shared weights stay untouched
-        merged = merged.to(self.device).eval()  # merged in fp32, then cast to the serving dtype
+        merged = merged.eval()  # merged in fp32, then cast to the serving dtype
         modules = dict(merged.named_modules())
         with torch.no_grad():
             for path, (a, b, bias) in self._lora_tensors(adapter).items():

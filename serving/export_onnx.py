@@ -20,6 +20,7 @@ from torch import nn
 
 from modeling.alphabet import PAD, tokenize
 from modeling.base import load_base
+from modeling.encoder import reset_rotary_caches
 from modeling.heads import PER_RESIDUE
 
 OPSET = 17
@@ -45,9 +46,7 @@ def export(engine, ref: str, out: Path) -> Path:
 
     adapter = engine.load(ref)
     encoder = engine.merged_encoder(adapter).cpu().float()  # the export is fp32 whatever the engine serves
-    for module in encoder.modules():  # cached rotary tables would be frozen into the graph
-        if hasattr(module, "_seq_len_cached"):
-            module._seq_len_cached = None
+    reset_rotary_caches(encoder)
     head = copy.deepcopy(adapter.head).cpu().float()  # the engine's own head stays on its device
     model = ExportModel(encoder, head, adapter.kind).eval()
     # Trace on a batch that contains padding (a padding-free trace would drop the mask path).

@@ -128,3 +128,13 @@ def test_each_hostile_adapter_is_refused_with_its_reason(tiny_base_dir, zoo):
     # And asking again does not retry the load: the refusal sticks until the files change.
     loads = engine.stats["loads"]
     assert isinstance(engine.predict([("nan", "MKT")])[0], AdapterRefused) and engine.stats["loads"] == loads
+
+
+def test_the_finiteness_check_names_the_tensor_and_survives_overflowing_sums():
+    from modeling.bundle import first_non_finite
+    big = torch.full((4, 4), 3e38)  # finite, but its sum overflows to inf
+    assert first_non_finite({"a": torch.ones(3), "big": big}) is None
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        poisoned = torch.ones(5, dtype=torch.bfloat16)
+        poisoned[3] = bad
+        assert first_non_finite({"a": torch.ones(3), "big": big, "b": poisoned, "c": poisoned}) == "b"

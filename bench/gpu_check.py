@@ -1,0 +1,642 @@
+"""The GPU check (issue 16): correctness against the CPU, serving throughput and training speed on
+a CUDA device, at the offline 8M base and a 650M-shaped base (33 layers, width 1280, 20 heads,
+random weights built on the device: speed does not depend on the values). Prints one JSON object,
+and rewrites it to --out after every part, so a run cut short leaves what it measured.
+
+  python -m bench.gpu_check [--base PATH] [--out FILE] [--parts a,b] [--budget-scale 1.0]
+  python -m bench.gpu_check --smoke        # every part on CPU with tiny shapes, in seconds
+
+Every part has its own time budget and the whole run a global one (the full run: under 8 minutes
+on an H100). A part's status is "pass" (finished, every comparison within tolerance), "fail"
+(finished; it says what was out of tolerance), "incomplete" (its budget ran out: what it measured
+is kept, nothing is claimed for the rest) or "error" (an exception: its message). Goals are judged
+only on what was measured; a goal with no measurement is "not measured", never met.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import tempfile
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.engine import NaivePeft, publish_random_adapters, rates, sequences
+from bench.train import Stepper, real_batches
+from modeling.base import Base, load_base
+from modeling.encoder import EncoderShape, EsmEncoder, stock_fair_esm
+from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS, HeadSpec
+from modeling.lora import LoraSpec, add_lora
+from modeling.model import TaskModel
+from serving.engine import Engine, EngineConfig, NoFreeSlot
+
+SHAPE_650M = EncoderShape(num_layers=33, embed_dim=1280, attention_heads=20)
+# Stated tolerances against the float32 CPU engine: probabilities absolute, regression values
+# relative (twice the figure), labels only where the reference's top two are further apart than
+# twice it. bfloat16's is the one tests/test_engine.py states for the half-precision engine.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 0.01}
+KINDS = (PER_RESIDUE, SEQUENCE_CLASS, REGRESSION)
+CORRECTNESS_RANKS = list(range(4, 17))
+
+
+@dataclass
+class Plan:
+    """Sizes and budgets. The full plan is sized for an H100 in under 8 minutes; smoke is seconds on CPU."""
+    device: str = "cuda"
+    small: EncoderShape | None = None  # None: the base from --base (default: the offline 8M)
+    large: EncoderShape = SHAPE_650M
+    adapters: int = 64  # correctness: ranks 4-16, three head kinds
+    requests: dict = field(default_factory=lambda: {"8M": 128, "650M": 64})
+    max_residues: dict = field(default_factory=lambda: {"8M": 500, "650M": 100})  # CPU reference cost
+    stress: dict = field(default_factory=lambda: {"threads": 4, "rounds": 10, "batch": 12, "slots": 16})
+    traffic: int = 256  # bench.engine's traffic: real sequences of 50-500 residues
+    traffic_max_residues: int = 500
+    mixed: dict = field(default_factory=lambda: {"8M": (8, 64), "650M": (8, 64, 100)})
+    cold_loads: int = 10
+    reps: int = 3
+    train: dict = field(default_factory=lambda: {"batch": 8, "length": 256, "steps": 5, "rank": 16})
+    budgets: dict = field(default_factory=lambda: {
+        "environment": 10, "correctness": 100, "stress": 40, "serving_650M": 170, "training": 60,
+        "profile": 40, "serving_8M": 50})
+    overall_s: float = 465  # under 8 minutes with the interpreter's start
+
+
+SMOKE = Plan(device="cpu", small=EncoderShape(2, 32, 4), large=EncoderShape(3, 48, 4), adapters=8,
+             requests={"8M": 16, "650M": 8}, max_residues={"8M": 60, "650M": 40},
+             stress={"threads": 3, "rounds": 3, "batch": 6, "slots": 3}, traffic=24, traffic_max_residues=40,
+             mixed={"8M": (2, 8), "650M": (2, 8, 10)}, cold_loads=2, reps=1,
+             train={"batch": 2, "length": 32, "steps": 2, "rank": 4}, overall_s=300)
+
+
+class OutOfTime(Exception):
+    pass
+
+
+class Clock:
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def check(self, step: str) -> None:
+        """Call before each step: a step that would start after the budget is not started."""
+        if time.monotonic() > self.deadline:
+            raise OutOfTime(step)
+
+
+# ---- bases, adapters, comparisons ----------------------------------------------------------------
+class Bases:
+    """Fresh copies of the two bases on any device (an Engine moves and wraps the base it is given)."""
+
+    def __init__(self, plan: Plan, base_spec: str | None):
+        self.plan, self.base_spec = plan, base_spec
+        self._large: EsmEncoder | None = None
+
+    def get(self, size: str, device: str) -> Base:
+        if size == "8M":
+            if self.plan.small is None:
+                return load_base(self.base_spec)
+            return self._random(self.plan.small, 0, device)
+        return self._wrap(copy.deepcopy(self.peek(size).encoder).to(device), self.plan.large, 1)
+
+    def peek(self, size: str) -> Base:
+        """The base itself, not a copy: for reading its shape and fingerprint only."""
+        if size == "8M":
+            return self.get(size, "cpu")
+        if self._large is None:  # built once on the device, copied for each engine
+            self._large = self._random(self.plan.large, 1, self.plan.device).encoder
+        return self._wrap(self._large, self.plan.large, 1)
+
+    def _random(self, shape: EncoderShape, seed: int, device: str) -> Base:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            encoder = EsmEncoder(shape).eval().requires_grad_(False)
+        return self._wrap(encoder, shape, seed)
+
+    @staticmethod
+    def _wrap(encoder: EsmEncoder, shape: EncoderShape, seed: int) -> Base:
+        # Random weights: a name for the fingerprint instead of hashing 2.6 GB on every copy.
+        fingerprint = hashlib.sha256(f"random {shape} seed {seed}".encode()).hexdigest()
+        return Base(encoder, f"random {shape.num_layers}x{shape.embed_dim}", "random", fingerprint)
+
+    def release(self) -> None:
+        self._large = None
+
+
+def traffic_sequences(count: int, max_residues: int, seed: int = 0) -> list[str]:
+    """Real FLIP sec_str sequences (bench.engine's pool), cut to `max_residues`, sorted by length."""
+    return sorted((s[:max_residues] for s in sequences(count, seed)), key=len)
+
+
+def compare(expected: list, got: list, tol: float) -> dict:
+    """Per-request agreement of two engines' predictions (see TOLERANCE)."""
+    worst_p = worst_r = 0.0
+    mismatches = errors = 0
+    for want, have in zip(expected, got, strict=True):
+        if isinstance(want, Exception) or isinstance(have, Exception):
+            errors += 1
+            continue
+        bad_label = False
+        if want.kind == PER_RESIDUE:
+            a, b = torch.tensor(want.residue_probabilities), torch.tensor(have.residue_probabilities)
+            deviation = float((a - b).abs().max())
+            top2 = a.topk(2, dim=-1).values
+            clear = ((top2[:, 0] - top2[:, 1]) > 2 * tol).tolist()
+            bad_label = any(x != y and c for x, y, c in zip(want.labels, have.labels, clear))
+            worst_p = max(worst_p, deviation)
+            bad = deviation > tol
+        elif want.kind == REGRESSION:
+            deviation = abs(want.value - have.value) / max(1.0, abs(want.value))
+            worst_r = max(worst_r, deviation)
+            bad = deviation > 2 * tol
+        else:
+            probs = sorted(want.probabilities.values(), reverse=True)
+            deviation = max(abs(want.probabilities[k] - have.probabilities[k]) for k in want.probabilities)
+            bad_label = want.label != have.label and probs[0] - probs[1] > 2 * tol
+            worst_p = max(worst_p, deviation)
+            bad = deviation > tol
+        mismatches += bad or bad_label
+    return {"compared": len(expected), "mismatches": mismatches, "errors": errors, "tolerance": tol,
+            "max_probability_deviation": float(f"{worst_p:.3g}"), "max_regression_relative_deviation":
+            float(f"{worst_r:.3g}")}
+
+
+def engine(bases: Bases, size: str, registry: Path, device: str, **config) -> Engine:
+    config.setdefault("r_max", 16)
+    return Engine(bases.get(size, device), registry, EngineConfig(device=device, **config))
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- parts ---------------------------------------------------------------------------------------
+def environment(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
+    clock.check("environment")
+    out.update(torch=torch.__version__, python=platform.python_version(), device=plan.device,
+               cpu_threads=torch.get_num_threads())
+    if plan.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        out.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                   capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
+                   cudnn=torch.backends.cudnn.version(), matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+                   cudnn_tf32=torch.backends.cudnn.allow_tf32)
+    return []
+
+
+def correctness(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
+    """64 adapters of ranks 4-16 and three head kinds, mixed in every batch: the device engine in
+    float32 and bfloat16, unmerged and merged, against the float32 CPU engine."""
+    failures = []
+    for size in ("8M", "650M"):
+        clock.check(f"{size}: publish")
+        with tempfile.TemporaryDirectory() as tmp:
+            registry = Path(tmp)
+            names = publish_random_adapters(bases.peek(size), registry, plan.adapters, CORRECTNESS_RANKS,
+                                            prefix="c", kinds=KINDS)
+            seqs = traffic_sequences(plan.requests[size], plan.max_residues[size], seed=1)
+            requests = [(names[i % len(names)], s, True) for i, s in enumerate(seqs)]
+            clock.check(f"{size}: CPU reference")
+            start = time.perf_counter()
+            reference = engine(bases, size, registry, "cpu", max_device_adapters=plan.adapters,
+                               max_batch_residues=16384).predict(requests)
+            result = out.setdefault(size, {"requests": len(requests), "adapters": len(names),
+                                           "cpu_reference_s": round(time.perf_counter() - start, 1)})
+            free("cpu")
+            merged_names = names[:len(KINDS)]  # one adapter of each head kind
+            for dtype in TOLERANCE:
+                clock.check(f"{size} {dtype}: device engine")
+                device_engine = engine(bases, size, registry, plan.device, max_device_adapters=plan.adapters,
+                                       dtype=dtype)
+                got = device_engine.predict(requests)
+                result[dtype] = compare(reference, got, TOLERANCE[dtype])
+                if dtype == "float32" and plan.device == "cuda" and torch.backends.cudnn.allow_tf32:
+                    # torch's default runs the heads' convolutions in TF32: how much of the deviation that is
+                    torch.backends.cudnn.allow_tf32 = False
+                    try:
+                        result["float32_cudnn_tf32_off"] = compare(reference, device_engine.predict(requests),
+                                                                   TOLERANCE[dtype])
+                    finally:
+                        torch.backends.cudnn.allow_tf32 = True
+                clock.check(f"{size} {dtype}: merged")
+                for name in merged_names:
+                    device_engine.merge(name)
+                picked = [i for i, r in enumerate(requests) if r[0] in merged_names]
+                merged = device_engine.predict([requests[i] for i in picked])
+                result[f"{dtype}_merged_vs_unmerged"] = compare([got[i] for i in picked], merged, TOLERANCE[dtype])
+                result[f"{dtype}_merged_vs_cpu"] = compare([reference[i] for i in picked], merged, TOLERANCE[dtype])
+                for key in (dtype, f"{dtype}_merged_vs_unmerged", f"{dtype}_merged_vs_cpu"):
+                    wrong = result[key]["mismatches"] + result[key]["errors"]
+                    out["wrong_answers"] = out.get("wrong_answers", 0) + wrong
+                    if wrong:
+                        failures.append(f"{size} {key}: {result[key]['mismatches']} mismatches, "
+                                        f"{result[key]['errors']} errors")
+                del device_engine
+                free(plan.device)
+    return failures
+
+
+def stress(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
+    """Fewer device slots than adapters; several threads submit mixed batches while the adapters of
+    their next batch are prefetched through the side stream and others are evicted. Every answer
+    is compared with the float32 CPU engine's."""
+    s = plan.stress
+    clock.check("publish")
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = Path(tmp)
+        names = publish_random_adapters(bases.peek("8M"), registry, plan.adapters, CORRECTNESS_RANKS,
+                                        prefix="s", kinds=KINDS)
+        seqs = traffic_sequences(plan.requests["8M"], plan.max_residues["8M"], seed=2)
+        pairs = [(names[i % len(names)], seq, True) for i, seq in enumerate(seqs)]
+        clock.check("CPU reference")
+        reference = engine(bases, "8M", registry, "cpu", max_device_adapters=plan.adapters,
+                           max_batch_residues=16384).predict(pairs)
+        clock.check("device engine")
+        device_engine = engine(bases, "8M", registry, plan.device, max_device_adapters=s["slots"], prefetch=True)
+        counts = {"requests": 0, "mismatches": 0, "errors": 0, "retries": 0, "prefetches": 0}
+        lock = threading.Lock()
+
+        def client(seed: int) -> None:
+            rng = random.Random(seed)
+            batches = [rng.sample(range(len(pairs)), s["batch"]) for _ in range(s["rounds"])]
+            for i, batch in enumerate(batches):
+                clock.check(f"client {seed} round {i}")
+                if i + 1 < len(batches):  # the next batch's adapters load while this one runs
+                    started = sum(device_engine.prefetch(pairs[j][0]) is not None for j in batches[i + 1])
+                    with lock:
+                        counts["prefetches"] += started
+                todo = list(batch)
+                while todo:  # NoFreeSlot (every slot held by running batches) asks for a retry
+                    results = device_engine.predict([pairs[j] for j in todo])
+                    retry = [j for j, r in zip(todo, results) if isinstance(r, NoFreeSlot)]
+                    done = [(j, r) for j, r in zip(todo, results) if not isinstance(r, NoFreeSlot)]
+                    check = compare([reference[j] for j, _ in done], [r for _, r in done], TOLERANCE["float32"])
+                    with lock:
+                        counts["requests"] += len(done)
+                        counts["mismatches"] += check["mismatches"]
+                        counts["errors"] += check["errors"]
+                        counts["retries"] += len(retry)
+                    todo = retry
+                    if todo:
+                        clock.check(f"client {seed} round {i}: retry")
+                        time.sleep(0.001 * rng.random())
+
+        with ThreadPoolExecutor(s["threads"]) as pool:
+            for future in [pool.submit(client, seed) for seed in range(s["threads"])]:
+                future.result()
+        out.update(counts, adapters=len(names), device_slots=s["slots"], threads=s["threads"],
+                   evictions=device_engine.slots.evictions, loads=device_engine.stats["loads"])
+    failures = []
+    out["wrong_answers"] = counts["mismatches"] + counts["errors"]
+    if out["wrong_answers"]:
+        failures.append(f"{counts['mismatches']} mismatches, {counts['errors']} errors")
+    if not device_engine.slots.evictions:
+        failures.append("no eviction happened: not a stress")
+    return failures
+
+
+def timed(engine_: Engine, requests: list[tuple[str, str]], reps: int) -> dict:
+    """Median of `reps` passes after a warm-up pass (every batch shape once, every adapter loaded)."""
+    samples = []
+    for rep in range(reps + 1):
+        start = time.perf_counter()
+        results = engine_.predict(requests)
+        if rep:
+            samples.append(time.perf_counter() - start)
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert not errors, errors[0]
+    return rates(requests, statistics.median(samples))
+
+
+def serving(size: str):
+    def part(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
+        """bench.engine's traffic on the device: one adapter merged and unmerged, 8/64(/100) adapters
+        mixed in every batch, and the naive peft loop, in float32 and bfloat16."""
+        mixed = plan.mixed[size]
+        clock.check("publish")
+        with tempfile.TemporaryDirectory() as tmp:
+            registry = Path(tmp)
+            start = time.perf_counter()
+            names = publish_random_adapters(bases.peek(size), registry, max(mixed) + plan.cold_loads, 16)
+            out["publish_s"] = round(time.perf_counter() - start, 1)
+            warm, cold = names[:max(mixed)], names[max(mixed):]
+            seqs = traffic_sequences(plan.traffic, plan.traffic_max_residues)
+            out.update(sequences=len(seqs), residues=sum(map(len, seqs)), rank=16)
+            one = [(warm[0], s) for s in seqs]
+            traffic = {k: [(warm[i % k], s) for i, s in enumerate(seqs)] for k in mixed}
+            k64 = mixed[1]
+            naive = None
+            for dtype in TOLERANCE:
+                result = out.setdefault(dtype, {})
+                clock.check(f"{dtype}: engine")
+                if plan.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                device_engine = engine(bases, size, registry, plan.device, max_device_adapters=max(mixed),
+                                       max_batch_size=64, dtype=dtype)
+                result["unmerged_1"] = timed(device_engine, one, plan.reps)
+                for k in mixed:
+                    clock.check(f"{dtype}: mixed {k}")
+                    result[f"mixed_{k}"] = timed(device_engine, traffic[k], plan.reps)
+                clock.check(f"{dtype}: merged")
+                device_engine.merge(warm[0])
+                result["merged_1"] = timed(device_engine, one, plan.reps)
+                if plan.device == "cuda":
+                    result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                clock.check(f"{dtype}: cold loads")
+                result.update(cold_loads(device_engine, cold, plan.device))
+                if dtype == "bfloat16" and size == "650M":
+                    result["slot_capacity"] = slot_capacity(device_engine, plan.device)
+                del device_engine
+                free(plan.device)
+                clock.check(f"{dtype}: naive peft")
+                if naive is None:  # stock fair-esm ESM2 + peft, every adapter loaded once
+                    with torch.device(plan.device):
+                        model = stock_fair_esm(bases.get(size, plan.device).encoder)
+                    naive = NaivePeft(model, registry, warm[:k64])
+                naive.to(plan.device, getattr(torch, dtype))
+                naive.serve(traffic[k64][:8], 64)  # warm-up
+                result[f"naive_peft_{k64}"] = naive.serve(traffic[k64], 64)
+                for k, versus in [(k64, "merged_1"), (k64, f"naive_peft_{k64}")] + [(k, "merged_1") for k in mixed[2:]]:
+                    result[f"mixed{k}_over_{versus.split('_')[0]}"] = round(
+                        result[f"mixed_{k}"]["residues_per_s"] / result[versus]["residues_per_s"], 3)
+            del naive
+            free(plan.device)
+        return []
+    return part
+
+
+def cold_loads(device_engine: Engine, names: list[str], device: str) -> dict:
+    """Disk -> verified CPU tensors (checksums included) -> a usable device slot, per adapter never
+    seen before; and what a slot holds against the adapter's own float32 weights."""
+    times = []
+    for name in names:
+        start = time.perf_counter()
+        adapter = device_engine.load(name)
+        device_engine._acquire(adapter)
+        device_engine.slots.release(adapter.ref)
+        sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    per_slot = sum(t.element_size() * t[0].numel() for layer in device_engine.layers.values()
+                   for t in (layer.lora_a, layer.lora_b))
+    weights = device_engine.load(names[0]).nbytes
+    return {"adapter_load_ms": round(statistics.median(times), 2), "adapter_load_ms_max": round(max(times), 2),
+            "device_slot_mb": round(per_slot / 2**20, 3), "adapter_weights_mb": round(weights / 2**20, 3),
+            "device_slot_over_weights": round(per_slot / weights, 3)}
+
+
+def slot_capacity(device_engine: Engine, device: str) -> dict:
+    """How many rank-16 device slots fit beside the base and the activations of the traffic just
+    served: the free memory over one slot's bytes."""
+    if device != "cuda":
+        return {"note": "measured on CUDA only"}
+    per_slot = sum(t.element_size() * t[0].numel() for layer in device_engine.layers.values()
+                   for t in (layer.lora_a, layer.lora_b))
+    total = torch.cuda.get_device_properties(0).total_memory
+    activations = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+    headroom = 2 * 2**30
+    free_bytes = total - torch.cuda.memory_allocated() - activations - headroom
+    slots = len(device_engine.slots.free) + len(device_engine.slots.slot_of)
+    return {"rank16_adapters": slots + int(free_bytes // per_slot), "slot_mb": round(per_slot / 2**20, 3),
+            "activation_peak_gb": round(activations / 2**30, 2), "headroom_gb": 2}
+
+
+def training(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
+    """LoRA against full fine-tuning at the 650M shape, bf16 mixed precision, real sequences."""
+    t = plan.train
+    batches = real_batches(t["steps"] + 2, t["batch"], t["length"])
+    out.update(batch=t["batch"], length=t["length"], rank=t["rank"], precision="bf16-mixed",
+               shape=bases.plan.large.as_dict())
+    for mode in ("lora", "full"):
+        clock.check(mode)
+        bases.release()
+        free(plan.device)
+        if plan.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        encoder = bases.get("650M", plan.device).encoder
+        if mode == "lora":
+            add_lora(encoder, LoraSpec(rank=t["rank"]), encoder.shape.num_layers)
+        else:
+            encoder.requires_grad_(True)
+        torch.manual_seed(0)
+        model = TaskModel(encoder, HeadSpec(PER_RESIDUE, 3, encoder.embed_dim)).to(plan.device)
+        stepper = Stepper(model, autocast=torch.bfloat16)
+        for tokens in batches[:2]:  # warm-up
+            stepper.step(tokens)
+        seconds = []
+        for i, tokens in enumerate(batches[2:]):
+            clock.check(f"{mode} step {i}")
+            seconds.append(stepper.step(tokens))
+        out[f"{mode}_residues_per_s"] = round(t["batch"] * t["length"] / statistics.median(seconds), 1)
+        out[f"{mode}_trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if plan.device == "cuda":
+            out[f"{mode}_peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        del model, stepper, encoder
+    out["lora_over_full"] = round(out["lora_residues_per_s"] / out["full_residues_per_s"], 3)
+    bases.release()
+    free(plan.device)
+    return []
+
+
+def profile(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
+    """Where the time goes at the 650M shape in bfloat16, one pass each of the merged adapter, 64
+    adapters mixed and the naive loop: device time against wall time (well under 1: the host, not
+    the device, is the limit) and the kernels that take the most device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if plan.device == "cuda" else [])
+    k64 = plan.mixed["650M"][1]
+    clock.check("publish")
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = Path(tmp)
+        names = publish_random_adapters(bases.peek("650M"), registry, k64, 16)
+        seqs = traffic_sequences(plan.traffic, plan.traffic_max_residues)
+        mixed = [(names[i % k64], s) for i, s in enumerate(seqs)]
+        clock.check("engine")
+        device_engine = engine(bases, "650M", registry, plan.device, max_device_adapters=k64, max_batch_size=64,
+                               dtype="bfloat16")
+        merged = Engine(bases.get("650M", plan.device), registry, EngineConfig(
+            r_max=16, device=plan.device, dtype="bfloat16", max_batch_size=64, merged=(names[0],)))
+        clock.check("naive")
+        with torch.device(plan.device):
+            naive = NaivePeft(stock_fair_esm(bases.get("650M", plan.device).encoder), registry, names)
+        naive.to(plan.device, torch.bfloat16)
+        runs = {"merged_1": lambda: merged.predict([(names[0], s) for s in seqs]),
+                f"mixed_{k64}": lambda: device_engine.predict(mixed),
+                f"naive_peft_{k64}": lambda: naive.serve(mixed, 64)}
+        for label, run in runs.items():
+            clock.check(label)
+            run()  # warm-up
+            with torch_profile(activities=activities) as prof:
+                start = time.perf_counter()
+                run()
+                sync(plan.device)
+                wall = time.perf_counter() - start
+            out[label] = kernel_summary(prof.events(), wall)
+    return []
+
+
+def kernel_summary(events, wall: float) -> dict:
+    """Device kernels from a profiler trace: busy time (summed durations) over wall time, launches,
+    and the kernels with the most device time."""
+    from torch.autograd import DeviceType
+
+    by_name: dict[str, list] = {}
+    for event in events:
+        if event.device_type == DeviceType.CUDA:
+            entry = by_name.setdefault(event.name[:90], [0.0, 0])
+            entry[0] += event.time_range.elapsed_us() / 1000
+            entry[1] += 1
+    busy = sum(ms for ms, _ in by_name.values())
+    top = sorted(by_name.items(), key=lambda item: -item[1][0])[:10]
+    return {"wall_ms": round(wall * 1000, 1), "device_busy_ms": round(busy, 1),
+            "device_busy_over_wall": round(busy / 1000 / wall, 3), "launches": sum(n for _, n in by_name.values()),
+            "top_kernels_ms": [[name, round(ms, 2), n] for name, (ms, n) in top]}
+
+
+PARTS = {"environment": environment, "correctness": correctness, "stress": stress,
+         "serving_650M": serving("650M"), "training": training, "profile": profile, "serving_8M": serving("8M")}
+
+
+# ---- goals and the run ---------------------------------------------------------------------------
+def goals(report: dict) -> dict:
+    """The issue's goals on the device (650M shape, bfloat16); judged only on what was measured."""
+    parts = report["parts"]
+    bf16 = parts.get("serving_650M", {}).get("bfloat16", {})
+    measured = {
+        "mixed64_over_merged": (bf16.get("mixed64_over_merged"), ">=", 0.85),
+        "mixed64_over_naive": (bf16.get("mixed64_over_naive"), ">=", 4),
+        "adapter_load_ms": (bf16.get("adapter_load_ms"), "<=", 50),
+        "lora_over_full_training": (parts.get("training", {}).get("lora_over_full"), ">", 1),
+    }
+    checked = [parts.get(p, {}) for p in ("correctness", "stress")]
+    finished = all(part.get("status") in ("pass", "fail") for part in checked)
+    measured["wrong_answers"] = (sum(p["wrong_answers"] for p in checked) if finished else None, "==", 0)
+    out = {}
+    for name, (value, op, target) in measured.items():
+        met = None if value is None else {">=": value >= target, "<=": value <= target, ">": value > target,
+                                          "==": value == target}[op]
+        if report["smoke"]:  # tiny shapes on a CPU: the figures prove the code runs, not its speed
+            met = "smoke run: not judged"
+        out[name] = {"value": value, "goal": f"{op} {target}", "met": "not measured" if met is None else met}
+    return out
+
+
+class Run:
+    def __init__(self, plan: Plan, base_spec: str | None, out_path: Path | None, budget_scale: float):
+        self.plan, self.out_path, self.scale = plan, out_path, budget_scale
+        self.bases = Bases(plan, base_spec)
+        self.started = time.monotonic()
+        self.report: dict = {"check": "bench.gpu_check", "smoke": plan.device == "cpu",
+                             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "parts": {}}
+        self.lock = threading.Lock()
+        self.expired = False
+
+    def write(self, final: bool = False) -> str:
+        with self.lock:
+            if self.expired and not final:  # the watchdog has written the last word
+                return ""
+            self.report["elapsed_s"] = round(time.monotonic() - self.started, 1)
+            self.report["goals"] = goals(self.report)
+            statuses = [p["status"] for p in self.report["parts"].values()]
+            met = [g["met"] for g in self.report["goals"].values()]
+            goals_met = self.report["smoke"] or all(m is True for m in met)
+            self.report["status"] = ("pass" if statuses and all(s == "pass" for s in statuses) and goals_met
+                                     else "incomplete" if "incomplete" in statuses else "fail")
+            text = json.dumps(self.report, default=str)
+        if self.out_path:
+            tmp = self.out_path.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.out_path)
+        return text
+
+    def watchdog(self) -> threading.Timer:
+        """The global limit: a part stuck inside one step is cut off with what was measured so far."""
+        def expire():
+            with self.lock:
+                for part in self.report["parts"].values():
+                    if part["status"] == "running":
+                        part["status"] = "incomplete"
+                        part["stopped_at"] = "the global time limit"
+                self.expired = True
+            print(self.write(final=True), flush=True)
+            os._exit(3)
+        timer = threading.Timer(self.plan.overall_s, expire)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def part(self, name: str) -> None:
+        budget = self.plan.budgets[name] * self.scale
+        out = {"status": "running", "budget_s": round(budget, 1)}
+        with self.lock:
+            self.report["parts"][name] = out
+        start = time.monotonic()
+        try:
+            failures = PARTS[name](self.plan, self.bases, Clock(budget), out)
+            out["status"] = "fail" if failures else "pass"
+            if failures:
+                out["failures"] = failures
+        except OutOfTime as exc:
+            out.update(status="incomplete", stopped_at=str(exc))
+        except Exception as exc:  # the report says what broke; the other parts still run
+            out.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000],
+                       where=traceback.format_exc().strip().splitlines()[-3:])
+        out["seconds"] = round(time.monotonic() - start, 1)
+        free(self.plan.device)
+        self.write()
+
+
+def main(argv: list[str] | None = None, watchdog: bool = True) -> dict:
+    """watchdog: end the process at the global limit (off when a caller, such as a test, owns it)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="every part on CPU with tiny shapes")
+    parser.add_argument("--base", help="the small base (default: the offline 8M)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here, after every part")
+    parser.add_argument("--results", type=Path, help="or into this folder, named by device and date")
+    parser.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's time budget")
+    parser.add_argument("--overall-s", type=float, help="the global limit (default: the plan's)")
+    args = parser.parse_args(argv)
+    plan = copy.deepcopy(SMOKE) if args.smoke else Plan()
+    plan.overall_s = args.overall_s or plan.overall_s
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: run with --smoke on CPU")
+    parts = args.parts.split(",") if args.parts else list(PARTS)
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(unknown)}: choose from {list(PARTS)}")
+    out = args.out
+    if args.results:
+        device = torch.cuda.get_device_name(0) if plan.device == "cuda" else "cpu-smoke"
+        args.results.mkdir(parents=True, exist_ok=True)
+        out = args.results / f"gpu_check-{re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-')}-{time.strftime('%Y-%m-%d')}.json"
+    run = Run(plan, args.base, out, args.budget_scale)
+    timer = run.watchdog() if watchdog else None
+    for name in parts:
+        run.part(name)
+    if timer:
+        timer.cancel()
+    print(run.write(), flush=True)
+    return run.report
+
+
+if __name__ == "__main__":
+    main()
