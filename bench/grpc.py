@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import tempfile
 import threading
 import time
@@ -35,12 +34,7 @@ from serving import client
 from serving import serve as service
 from serving.app import MODEL_MS, ServiceConfig
 from serving.engine import Engine, EngineConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving.ports import free_port
 
 
 def percentile(values: list[float], q: float) -> float:

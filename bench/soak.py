@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from bench.engine import publish_random_adapters, sequences
-from bench.grpc import InFlight, free_port, percentile
+from bench.grpc import InFlight, percentile
+from serving.ports import free_port
 from modeling.base import load_base
 from serving import registry as reg
 from serving import serve as service

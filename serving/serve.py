@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 import tempfile
 from dataclasses import fields
@@ -21,6 +20,7 @@ import yaml
 from serving import tls_front
 from serving.app import SERVICER, ServiceConfig
 from serving.auth import TokenCheck
+from serving.ports import listening
 
 log = logging.getLogger("serving.serve")
 APP_NAME = "esm-adapters"
@@ -90,15 +90,11 @@ def require_free_ports(ports: dict[str, int]) -> None:
     """Refuse ports something already listens on before starting anything (a clear error instead of
     a proxy that cannot bind)."""
     for what, port in ports.items():
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
-            try:
-                probe.bind(("0.0.0.0", port))
-            except OSError as exc:
-                raise OSError(f"{what} port {port} is not free: {exc.strerror}") from exc
+        if listening(port):
+            raise OSError(f"{what} port {port} is not free: something listens on it")
 
 
-def wait_until_routable(target: str, timeout: float = 60.0, token: str | None = None):
+def wait_until_routable(target: str, timeout: float = 300.0, token: str | None = None):
     """serve.run returns before the gRPC proxy's route table lists the app; wait for it."""
     import time
 

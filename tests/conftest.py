@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 from modeling.alphabet import RESIDUES
 from modeling.base import Base, load_base
 from modeling.encoder import EncoderShape, EsmEncoder
+from serving import ports
 
 TINY = EncoderShape(num_layers=2, embed_dim=32, attention_heads=4)
 STANDARD = "ACDEFGHIKLMNPQRSTVWY"
@@ -80,55 +79,12 @@ def sec_str_csv(tmp_path) -> Path:
 assert set(STANDARD) <= RESIDUES
 
 
-# Ports for the services tests start. Ray's own processes bind ports while a service starts: its
-# workers take ports from min_worker_port..max_worker_port (10002-19999 by default), its fixed
-# defaults sit at 6379, 8265, 10001 and 52365 (and the next 40 after each), and everything else
-# (raylet, object manager, agents, GCS, Serve's replicas) binds port 0, i.e. the kernel's ephemeral
-# range. A port found by binding port 0 ourselves comes from that same range, and a Ray process could
-# take it before the proxy bound it ("Address already in use", then every later test failed). So test
-# ports come from a range no Ray process binds in, outside both; a port something already listens on
-# is skipped, and no port is handed out twice in one run.
-RAY_WORKER_PORTS = range(10002, 20000)
-CANDIDATE_RANGES = (range(20000, 30000), range(61000, 65536), range(1025, 6000))
-
-
-def ephemeral_ports() -> range:
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999  # Linux's default
-    return range(low, high + 1)
-
-
-def service_port_range() -> range:
-    ephemeral = ephemeral_ports()
-    for candidates in CANDIDATE_RANGES:
-        if not any(r.start < candidates.stop and candidates.start < r.stop for r in (ephemeral, RAY_WORKER_PORTS)):
-            return candidates
-    raise RuntimeError(f"no port range outside the ephemeral ports {ephemeral} and Ray's worker ports "
-                       f"{RAY_WORKER_PORTS}; narrow net.ipv4.ip_local_port_range")
-
-
-_handed_out: set[int] = set()
-
-
 def free_port() -> int:
-    """A loopback port for a service a test starts: one no Ray process can take (see above)."""
-    ports = service_port_range()
-    offset = os.getpid() * 7919 % len(ports)  # concurrent pytest runs start at different places
-    for i in range(len(ports)):
-        port = ports[(offset + i) % len(ports)]
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"every port in {ports} is taken")
+    """A port for a service a test starts, from a range no Ray process binds in: a port found by
+    binding port 0 comes from the kernel's ephemeral range, where Ray's own processes bind too, and
+    one of them took such a port before the proxy bound it (then every later test failed).
+    serving/ports.py says which ranges and why."""
+    return ports.free_port()
 
 
 @pytest.fixture(autouse=True, scope="module")

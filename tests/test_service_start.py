@@ -48,3 +48,12 @@ def test_a_start_that_fails_after_ray_is_up_leaves_nothing_running(tmp_path):
         probe.bind(("0.0.0.0", grpc_port))
     ray.init(num_cpus=1, include_dashboard=False)  # not "ray.init twice"
     ray.shutdown()
+
+
+def test_service_ports_stay_out_of_rays_ranges():
+    from serving import ports
+    handed = [free_port() for _ in range(20)]
+    assert len(set(handed)) == 20
+    for port in handed:
+        assert port not in ports.ephemeral_ports() and port not in ports.RAY_WORKER_PORTS
+        assert not ports.listening(port)
