@@ -4,6 +4,7 @@ import pytest
 
 from training.config import ConfigError, load_config, mode_of
 from training.fit import default_name, lora_spec, parse_args
+from training.task_config import resolve_task
 
 BIONEMO_YAML = Path(__file__).resolve().parent.parent / "training" / "configs" / "downstream_sec_str_LORA.yaml"
 
@@ -16,7 +17,7 @@ def test_flags_and_dotted_overrides():
     assert config["model"]["optim"]["weight_decay"] == pytest.approx(0.1)
     spec = lora_spec(config)
     assert (spec.rank, spec.layers, spec.targets) == (8, [0, 2], ["q_proj", "k_proj", "v_proj"])
-    assert default_name(config) == "scl-r8"
+    assert default_name(config, resolve_task(config)) == "scl-r8"
     tied = lora_spec(parse_args(["--adapter-dim", "4", "--tie", "--position-embedding", "add"]))
     assert (tied.rank, tied.tie, tied.position_embedding) == (4, True, "add")
 
@@ -34,7 +35,8 @@ def test_bionemo_keys_as_overrides():
 
 def test_modes_from_the_command_line():
     assert mode_of(parse_args(["--mode", "frozen"])) == "frozen"
-    assert default_name(parse_args(["--mode", "full", "--task", "gb1"])) == "gb1-full"
+    config = parse_args(["--mode", "full", "--task", "gb1"])
+    assert default_name(config, resolve_task(config)) == "gb1-full"
     assert mode_of(parse_args([])) == "lora"
 
 

@@ -3,6 +3,7 @@ import zipfile
 import pytest
 
 from training.data import DataError, crop, load_splits, read_file
+from training import flip
 from training.tasks import TASKS, get_task
 
 SEC = TASKS["sec_str"]
@@ -48,9 +49,12 @@ def test_flip_secondary_structure_zip(tmp_path):
 
 def test_vendored_defaults_exist_for_every_task_that_declares_one():
     for task in TASKS.values():
-        if task.default_data is not None:
-            splits = load_splits(task)
-            assert splits["train"] and splits["val"], task.name
+        data = task.default_data()
+        if data.startswith("flip:"):  # downloaded on first use (tests below)
+            assert flip.parse(data)[0] in flip.BLOB_IDS and flip.parse(data)[0] not in flip.VENDORED
+            continue
+        splits = load_splits(task)
+        assert splits["train"] and splits["val"], task.name
 
 
 def test_eight_state_coil_symbols_and_3state_from_8state(tmp_path):
@@ -65,8 +69,10 @@ def test_eight_state_coil_symbols_and_3state_from_8state(tmp_path):
     ("id,sequence,3state\nrow7,MKJAY,HHHHH\n", r"row row7: invalid residue 'J' at position 3"),
     ("id,sequence,3state\nrow8,MKTAY,HHH\n", r"row row8: label string has length 3, sequence has 5"),
     ("id,sequence,3state\nrow9,MKTAY,HHQHH\n", r"row row9: labels \['Q'\]"),
-    ("id,seq,3state\nrow1,MKTAY,HHHHH\n", r"missing column 'sequence'"),
-    ("id,sequence\nrow1,MKTAY\n", r"missing label column 3state"),
+    ("id,seq,3state\nrow1,MKTAY,HHHHH\n", r"missing sequence column 'sequence'"),
+    ("id,sequence,3state,resolved\nrow2,MKTAY,HHHHH,0110\n", r"row row2: mask '0110' must be a 0/1 string as long"),
+    ("id,sequence,3state,resolved\nrow3,MKTAY,HHHHH,01x10\n", r"row row3: mask '01x10'"),
+    ("id,sequence\nrow1,MKTAY\n", r"missing label column '3state' for task sec_str"),
     ("id,sequence,3state\n", r"no records"),
     ("", r"empty file"),
 ])
@@ -83,13 +89,8 @@ def test_bad_regression_target_and_class(tmp_path):
 
 
 def test_unknown_task_lists_valid_ones():
-    with pytest.raises(ValueError, match="valid tasks: sec_str, sec_str8, scl, meltome, gb1, aav"):
+    with pytest.raises(ValueError, match="valid tasks: aav, bind, .*sec_str, sec_str8 .*--task-file"):
         get_task("contact")
-
-
-def test_task_without_vendored_data_asks_for_files():
-    with pytest.raises(DataError, match="--data-dir"):
-        load_splits(TASKS["aav"])
 
 
 def test_long_sequences_are_cropped_with_labels_and_masks(tmp_path):

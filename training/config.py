@@ -1,9 +1,9 @@
 """Training configuration: defaults, a yaml file, dotted overrides, and BioNeMo's key names.
 
 Keys follow BioNeMo's ESM-2 downstream/LoRA yaml (model.peft.lora_tuning.adapter_dim,
-model.encoder_frozen, model.restore_encoder_path, do_training, ...) so such a yaml runs as is.
-BioNeMo keys that have no meaning here (exp_manager, parallelism, NeMo targets) are accepted
-and reported as ignored; any other unknown key is an error naming the nearest valid key.
+model.encoder_frozen, model.restore_encoder_path, model.data.task_type, ...) so such a yaml runs as
+is. BioNeMo keys that do not change what is learned (exp_manager, parallelism, NeMo targets) are
+accepted and reported as ignored; any other unknown key is an error naming the nearest valid key.
 """
 from __future__ import annotations
 
@@ -20,7 +20,12 @@ from modeling.lora import ATTENTION_TARGETS
 log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
-    "task": "sec_str",
+    "task": None,  # a built-in task or a new task's name; None = sec_str, the task file's, or task_name's
+    "task_file": None,  # a task declaration in yaml (training/tasks/*.yaml show the form)
+    "task_def": {  # the fields of a task declared (or changed) on the command line
+        "kind": None, "labels": None, "label_column": None, "sequence_column": None, "mask_column": None,
+        "metric": None, "split": None,
+    },
     "name": None,  # adapter name in the registry; default <task>-r<rank> (or <task>-frozen/-full)
     "registry": "adapters",
     "run_dir": "runs",
@@ -55,7 +60,11 @@ DEFAULTS: dict[str, Any] = {
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 100,
                   "encoder_lr": None},  # encoder_lr: LoRA/encoder parameters (default = lr)
         "data": {"dataset_path": None, "train": None, "val": None, "test": None,
-                 "val_fraction": 0.1, "num_workers": 0, "bucket_batches": 50},
+                 "val_fraction": 0.1, "num_workers": 0, "bucket_batches": 50,
+                 # BioNeMo's task keys, as BioNeMo means them (training/bionemo.py)
+                 "task_name": None, "task_type": None, "sequence_column": None, "target_column": None,
+                 "target_sizes": None, "mask_column": None, "num_classes": None,
+                 "dataset": {"train": None, "val": None, "test": None}},
     },
 }
 
@@ -72,10 +81,8 @@ IGNORED = (
     "defaults", "hydra", "exp_manager", "target", "infer_target", "do_preprocessing",
     "restore_from_path", "model.global_batch_size", "model.post_process", "model.loss_func",
     "model.tensor_model_parallel_size", "model.pipeline_model_parallel_size", "model.seq_length",
-    "model.precision", "model.encoder_cfg", "model.data.task_name", "model.data.task_type",
-    "model.data.preprocessed_data_path", "model.data.sequence_column", "model.data.target_column",
-    "model.data.target_sizes", "model.data.mask_column", "model.data.num_classes",
-    "model.data.dataset", "model.data.shuffle", "model.optim.betas", "model.optim.sched",
+    "model.precision", "model.encoder_cfg", "model.data.preprocessed_data_path", "model.data.shuffle",
+    "model.optim.betas", "model.optim.sched",
     "model.finetuning_optim.betas", "model.finetuning_optim.sched", "model.peft.peft_scheme",
     "trainer.logger", "trainer.enable_checkpointing", "trainer.use_distributed_sampler",
     "trainer.replace_sampler_ddp", "trainer.benchmark",

@@ -35,8 +35,8 @@ def collate(records: list[Record], task: Task, scale: TargetScale) -> dict[str, 
         index = {label: i for i, label in enumerate(task.labels)}
         width = max(len(r.sequence) for r in records)
         targets = torch.full((len(records), width), IGNORE, dtype=torch.long)
-        for row, r in enumerate(records):
-            ids = torch.tensor([index[c] for c in r.label])
+        for row, r in enumerate(records):  # labels outside the set occur only where the mask says 0
+            ids = torch.tensor([index.get(c, IGNORE) for c in r.label])
             if r.mask is not None:
                 ids[torch.tensor([c == "0" for c in r.mask])] = IGNORE
             targets[row, :len(ids)] = ids

@@ -22,14 +22,19 @@ from training.data import DataError, crop, read_file
 from training.datamodule import TargetScale
 from training.fit import resolve_bundle
 from training.predict import predict, score
-from training.tasks import get_task
+from training.tasks import get_task, task_from_dict
 
 
 def evaluate(adapter: str, data: Path, task_name: str | None = None, registry: Path = Path("adapters"),
              base_spec: str | None = None, batch_size: int = 16) -> dict:
     bundle = resolve_bundle(adapter, registry)
     manifest = bundle.manifest
-    task = get_task(task_name or manifest["task"])
+    if task_name:
+        task = get_task(task_name)
+    elif "task_spec" in manifest:  # the declaration it was trained with (a user's task too)
+        task = task_from_dict(manifest["task_spec"], f"{bundle.folder}/manifest.json")
+    else:
+        task = get_task(manifest["task"])
     if task.kind != manifest["output"]["kind"] or (task.labels and list(task.labels) != manifest["output"]["labels"]):
         raise DataError(f"task {task.name} does not match the adapter's output ({manifest['task']})")
     base = load_base(base_spec or manifest["base"].get("source"))

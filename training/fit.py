@@ -2,6 +2,8 @@
 
 Flags are shortcuts for config keys; `key=value` arguments override any key (BioNeMo names too),
 e.g.  python -m training.fit --config my.yaml model.peft.lora_tuning.adapter_dim=8 trainer.max_steps=200
+Your own task: --task-file my_task.yaml, or --task NAME --kind per_residue --label-column bind ...
+(--list-tasks shows every known task).
 """
 from __future__ import annotations
 
@@ -20,22 +22,26 @@ from pytorch_lightning.loggers import CSVLogger
 
 from modeling import bundle as bundles
 from modeling.base import load_base
-from modeling.heads import HeadSpec, REGRESSION
+from modeling.heads import REGRESSION, HeadSpec
 from modeling.lora import LoraSpec, add_lora, export_adapter, export_positions, load_adapter_weights
 from modeling.model import TaskModel
 from training.config import ConfigError, load_config, mode_of, mode_overrides
-from training.data import DataError, load_splits
+from training.data import DataError, load_splits, settle_labels
 from training.datamodule import FlipDataModule
 from training.module import AdapterModule
 from training.plots import plot_curves
 from training.predict import predict, score
-from training.tasks import get_task
+from training.task_config import data_files, expected_classes, resolve_task
+from training.tasks import TASKS, Task
 
 log = logging.getLogger("training.fit")
 
 # flag -> config key (values are parsed like overrides)
 FLAGS = {
-    "task": "task", "name": "name", "registry": "registry", "run_dir": "run_dir", "seed": "seed",
+    "task": "task", "task_file": "task_file", "kind": "task_def.kind", "labels": "task_def.labels",
+    "label_column": "task_def.label_column", "sequence_column": "task_def.sequence_column",
+    "mask_column": "task_def.mask_column", "metric": "task_def.metric", "split": "task_def.split",
+    "name": "name", "registry": "registry", "run_dir": "run_dir", "seed": "seed",
     "base": "model.restore_encoder_path", "rank": "model.peft.lora_tuning.adapter_dim",
     "alpha": "model.peft.lora_tuning.alpha", "dropout": "model.peft.lora_tuning.adapter_dropout",
     "init_a": "model.peft.lora_tuning.column_init_method",
@@ -53,6 +59,8 @@ FLAGS = {
     "val_check_interval": "trainer.val_check_interval",
 }
 LIST_FLAGS = {"layers", "target_modules"}
+STRING_FLAGS = {"task", "task_file", "kind", "labels", "label_column", "sequence_column", "mask_column", "metric",
+                "split", "name", "registry", "run_dir", "base", "restore_from", "data_dir", "train", "val", "test"}
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -67,8 +75,11 @@ def parse_args(argv: list[str]) -> dict:
         parser.add_argument(*names, dest=flag, help=f"sets {key}" + (" (comma-separated)" if flag in LIST_FLAGS else ""),
                             **extra)
     parser.add_argument("--no-publish", action="store_true", help="train and evaluate only")
+    parser.add_argument("--list-tasks", action="store_true", help="print every known task and exit")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
+    if args.list_tasks:
+        return {"list_tasks": True}
     overrides = mode_overrides(args.mode) if args.mode else []
     for flag, key in FLAGS.items():
         value = getattr(args, flag)
@@ -76,16 +87,18 @@ def parse_args(argv: list[str]) -> dict:
             continue
         if flag in LIST_FLAGS:
             value = "[" + value + "]"
+        elif flag in STRING_FLAGS:  # a label set such as 0,1 or a name such as 1e5 stays a string
+            value = json.dumps(value)
         overrides.append(f"{key}={value}")
     if args.no_publish:
         overrides.append("publish=false")
     return load_config(args.config, overrides + args.overrides)
 
 
-def default_name(config: dict) -> str:
+def default_name(config: dict, task: Task) -> str:
     mode = mode_of(config)
     suffix = f"r{config['model']['peft']['lora_tuning']['adapter_dim']}" if mode == "lora" else mode
-    return f"{config['task']}-{suffix}"
+    return f"{task.name}-{suffix}"
 
 
 def lora_spec(config: dict) -> LoraSpec:
@@ -169,7 +182,7 @@ def make_trainer(config: dict, run_dir: Path, task, train_records: list) -> tupl
 
 
 def write_bundle(staged: Path, config: dict, base, task, model: TaskModel, spec: LoraSpec | None,
-                 scale, results: dict, seconds: float) -> dict:
+                 scale, results: dict, seconds: float, warnings: list[str] = ()) -> dict:
     mode = mode_of(config)
     tensors = {bundles.HEAD_WEIGHTS: model.head.state_dict()}
     json_files = {}
@@ -186,23 +199,39 @@ def write_bundle(staged: Path, config: dict, base, task, model: TaskModel, spec:
     if task.kind == REGRESSION:
         output.update(target_mean=scale.mean, target_std=scale.std)
     manifest = {
-        "task": task.name, "mode": mode, "output": output, "head": model.head_spec.as_dict(),
-        "lora": spec.as_dict() | {"scale": spec.scale} if spec else None,
+        "task": task.name, "task_spec": task.as_dict(), "mode": mode, "output": output,
+        "head": model.head_spec.as_dict(), "lora": spec.as_dict() | {"scale": spec.scale} if spec else None,
         "base": base.describe(), "metrics": results,
-        "training": {"seconds": round(seconds, 1), "config": config},
+        "training": {"seconds": round(seconds, 1), "config": config, "data_warnings": list(warnings)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return bundles.write_bundle(staged, manifest, tensors, json_files)
 
 
+def list_tasks() -> str:
+    rows = [("task", "kind", "labels", "metric", "default data", "split", "description")]
+    for task in TASKS.values():
+        labels = ",".join(task.labels) if task.labels else ("-" if task.kind == REGRESSION else "from data")
+        data = task.default_data() or "-"
+        rows.append((task.name, task.kind, labels if len(labels) < 40 else labels[:37] + "...", task.metric,
+                     data.replace(str(Path.cwd()) + "/", ""), task.split or "-", task.description))
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:6], widths)) + "  " + row[6] for row in rows)
+
+
 def run(config: dict) -> dict:
-    task = get_task(config["task"])
+    task = resolve_task(config)
     pl.seed_everything(config["seed"], workers=True, verbose=False)
     registry = Path(config["registry"])
-    name = bundles.validate_name(config["name"] or default_name(config))
+    name = bundles.validate_name(config["name"] or default_name(config, task))
     d = config["model"]["data"]
-    splits = load_splits(task, d["dataset_path"], d["train"], d["val"], d["test"], config["seed"],
+    files = data_files(config)
+    splits = load_splits(task, files["data"], files["train"], files["val"], files["test"], config["seed"],
                          d["val_fraction"])
+    task, warnings = settle_labels(task, splits)
+    if (expected := expected_classes(config)) is not None and task.kind != REGRESSION and expected != len(task.labels):
+        raise ConfigError(f"model.data.num_classes / target_sizes say {expected} classes; task {task.name} has "
+                          f"{len(task.labels)}: {list(task.labels)}")
     base = load_base(config["model"]["restore_encoder_path"])
     log.info("base %s (%s), fingerprint %s", base.name, base.source, base.fingerprint[:12])
     model, spec = build_model(config, base, task, registry)
@@ -234,13 +263,13 @@ def run(config: dict) -> dict:
         results["val"] = score(task, data.splits["val"], predict(model, data.splits["val"]), data.scale)
     if config["do_testing"] and splits["test"]:
         results["test"] = score(task, splits["test"], predict(model, splits["test"]), data.scale)
-    summary = {"task": task.name, "mode": mode_of(config), "run_dir": str(run_dir),
+    summary = {"task": task.name, "labels": list(task.labels), "mode": mode_of(config), "run_dir": str(run_dir),
                "train_seconds": round(seconds, 1), "trainable_parameters": trainable,
                **{f"{split}_{task.metric}": r[task.metric] for split, r in results.items()}}
     if config["publish"]:
         staged = bundles.staging_dir(registry)
         try:
-            write_bundle(staged, config, base, task, model, spec, data.scale, results, seconds)
+            write_bundle(staged, config, base, task, model, spec, data.scale, results, seconds, warnings)
             summary["published"] = str(bundles.publish(staged, registry, name))
         finally:
             bundles.discard(staged)  # no-op after a successful rename
@@ -251,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
+        if config.get("list_tasks"):
+            print(list_tasks())
+            return 0
         summary = run(config)
     except (ConfigError, DataError, bundles.BundleError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

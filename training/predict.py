@@ -37,10 +37,9 @@ def score(task: Task, records: list[Record], outputs: list[np.ndarray], scale: T
         for r, out in zip(records, outputs):
             keep = np.array([m == "1" for m in r.mask]) if r.mask else np.ones(len(r.sequence), bool)
             preds.append(out.argmax(-1)[keep])
-            trues.append(np.array([index[c] for c in r.label])[keep])
+            trues.append(np.array([index.get(c, -1) for c in r.label])[keep])  # -1 only where not kept
         pred, true = np.concatenate(preds), np.concatenate(trues)
-        result = metrics.classification(pred, true, task.labels)
-        result[task.metric] = result["accuracy"]  # q3 or q8
+        result = metrics.classification(pred, true, task.labels, task.ordered)
         for name, mapping in task.coarse.items():  # e.g. q3 from an 8-state prediction
             to_coarse = np.array([mapping[label] for label in task.labels])
             result[name] = float(np.mean(to_coarse[pred] == to_coarse[true]))
@@ -51,6 +50,8 @@ def score(task: Task, records: list[Record], outputs: list[np.ndarray], scale: T
     else:
         result = metrics.classification(np.array([int(o.argmax()) for o in outputs]),
                                          np.array([task.labels.index(r.label) for r in records]),
-                                         task.labels)
+                                         task.labels, task.ordered)
+    if task.metric not in result:  # q3, q8, q9: accuracy under the task's name for it
+        result[task.metric] = result["accuracy"]
     result["sequences"] = len(records)
     return result
