@@ -253,7 +253,8 @@ class AdapterServer:
             s = entry.summary()
             info = response.adapters.add(name=s["name"], version=s["version"], task=s["task"] or "",
                                          rank=s["rank"] or 0, status=s["status"], reason=s["reason"] or "",
-                                         mode=s["mode"] or "", base_fingerprint=s["base_fingerprint"] or "")
+                                         mode=s["mode"] or "", base_fingerprint=s["base_fingerprint"] or "",
+                                         kind=s["kind"] or "", labels=s["labels"])
             for split, values in s["metrics"].items():
                 for key, value in values.items():
                     info.metrics[f"{split}.{key}"] = float(value)

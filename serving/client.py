@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"base {response.base_name} {response.base_fingerprint[:12]}")
             for a in response.adapters:
                 metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(a.metrics.items()))
-                print(f"{a.name}@{a.version:<4} {a.status:<8} task={a.task} mode={a.mode} rank={a.rank} {metrics}"
-                      + (f"  reason: {a.reason}" if a.reason else ""))
+                print(f"{a.name}@{a.version:<4} {a.status:<8} task={a.task} kind={a.kind} mode={a.mode} "
+                      f"rank={a.rank} {metrics}" + (f"  reason: {a.reason}" if a.reason else ""))
             return 0
         named = [(f"seq{i + 1}", s) for i, s in enumerate(args.sequence)]
         if args.fasta:

@@ -65,6 +65,7 @@ class Entry:
         m = self.manifest or {}
         return {"name": self.name, "version": self.version, "status": self.status,
                 "reason": self.reason, "task": m.get("task"), "mode": m.get("mode"),
+                "kind": (m.get("output") or {}).get("kind"), "labels": list((m.get("output") or {}).get("labels") or ()),
                 "rank": (m.get("lora") or {}).get("rank"),
                 "base_fingerprint": (m.get("base") or {}).get("fingerprint"),
                 "metrics": {split: {k: v for k, v in r.items() if isinstance(v, (int, float))}

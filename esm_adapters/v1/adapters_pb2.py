@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65sm_adapters/v1/adapters.proto\x12\x0f\x65sm_adapters.v1\"a\n\x0ePredictRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x11\n\tsequences\x18\x02 \x03(\t\x12\x1d\n\x15residue_probabilities\x18\x03 \x01(\x08\x12\x0c\n\x04\x63rop\x18\x04 \x01(\x08\"&\n\x14ResidueProbabilities\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9d\x02\n\nPrediction\x12\x0e\n\x06labels\x18\x01 \x01(\t\x12\x44\n\x15residue_probabilities\x18\x02 \x03(\x0b\x32%.esm_adapters.v1.ResidueProbabilities\x12\r\n\x05label\x18\x03 \x01(\t\x12\x45\n\rprobabilities\x18\x04 \x03(\x0b\x32..esm_adapters.v1.Prediction.ProbabilitiesEntry\x12\x12\n\x05value\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x63ropped\x18\x06 \x01(\x08\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_value\"\x85\x01\n\x0fPredictResponse\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0blabel_names\x18\x04 \x03(\t\x12\x30\n\x0bpredictions\x18\x05 \x03(\x0b\x32\x1b.esm_adapters.v1.Prediction\"\x15\n\x13ListAdaptersRequest\"\xfc\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x03\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0c\n\x04mode\x18\x07 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x08 \x01(\t\x12:\n\x07metrics\x18\t \x03(\x0b\x32).esm_adapters.v1.AdapterInfo.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8d\x01\n\x14ListAdaptersResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.esm_adapters.v1.AdapterInfo\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x11\n\tbase_name\x18\x03 \x01(\t\x12\x18\n\x10registry_problem\x18\x04 \x01(\t\"6\n\x0c\x45mbedRequest\x12\x11\n\tsequences\x18\x01 \x03(\t\x12\x13\n\x0bper_residue\x18\x02 \x01(\x08\";\n\tEmbedding\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x10\n\x08residues\x18\x02 \x03(\x02\x12\x0e\n\x06length\x18\x03 \x01(\x03\"L\n\rEmbedResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\x03\x12.\n\nembeddings\x18\x02 \x03(\x0b\x32\x1a.esm_adapters.v1.Embedding2\x83\x02\n\x0e\x41\x64\x61pterService\x12L\n\x07Predict\x12\x1f.esm_adapters.v1.PredictRequest\x1a .esm_adapters.v1.PredictResponse\x12[\n\x0cListAdapters\x12$.esm_adapters.v1.ListAdaptersRequest\x1a%.esm_adapters.v1.ListAdaptersResponse\x12\x46\n\x05\x45mbed\x12\x1d.esm_adapters.v1.EmbedRequest\x1a\x1e.esm_adapters.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65sm_adapters/v1/adapters.proto\x12\x0f\x65sm_adapters.v1\"a\n\x0ePredictRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x11\n\tsequences\x18\x02 \x03(\t\x12\x1d\n\x15residue_probabilities\x18\x03 \x01(\x08\x12\x0c\n\x04\x63rop\x18\x04 \x01(\x08\"&\n\x14ResidueProbabilities\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9d\x02\n\nPrediction\x12\x0e\n\x06labels\x18\x01 \x01(\t\x12\x44\n\x15residue_probabilities\x18\x02 \x03(\x0b\x32%.esm_adapters.v1.ResidueProbabilities\x12\r\n\x05label\x18\x03 \x01(\t\x12\x45\n\rprobabilities\x18\x04 \x03(\x0b\x32..esm_adapters.v1.Prediction.ProbabilitiesEntry\x12\x12\n\x05value\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x63ropped\x18\x06 \x01(\x08\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_value\"\x85\x01\n\x0fPredictResponse\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0blabel_names\x18\x04 \x03(\t\x12\x30\n\x0bpredictions\x18\x05 \x03(\x0b\x32\x1b.esm_adapters.v1.Prediction\"\x15\n\x13ListAdaptersRequest\"\x9a\x02\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x03\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0c\n\x04mode\x18\x07 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x08 \x01(\t\x12:\n\x07metrics\x18\t \x03(\x0b\x32).esm_adapters.v1.AdapterInfo.MetricsEntry\x12\x0c\n\x04kind\x18\n \x01(\t\x12\x0e\n\x06labels\x18\x0b \x03(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8d\x01\n\x14ListAdaptersResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.esm_adapters.v1.AdapterInfo\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x11\n\tbase_name\x18\x03 \x01(\t\x12\x18\n\x10registry_problem\x18\x04 \x01(\t\"6\n\x0c\x45mbedRequest\x12\x11\n\tsequences\x18\x01 \x03(\t\x12\x13\n\x0bper_residue\x18\x02 \x01(\x08\";\n\tEmbedding\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x10\n\x08residues\x18\x02 \x03(\x02\x12\x0e\n\x06length\x18\x03 \x01(\x03\"L\n\rEmbedResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\x03\x12.\n\nembeddings\x18\x02 \x03(\x0b\x32\x1a.esm_adapters.v1.Embedding2\x83\x02\n\x0e\x41\x64\x61pterService\x12L\n\x07Predict\x12\x1f.esm_adapters.v1.PredictRequest\x1a .esm_adapters.v1.PredictResponse\x12[\n\x0cListAdapters\x12$.esm_adapters.v1.ListAdaptersRequest\x1a%.esm_adapters.v1.ListAdaptersResponse\x12\x46\n\x05\x45mbed\x12\x1d.esm_adapters.v1.EmbedRequest\x1a\x1e.esm_adapters.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,17 +48,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTADAPTERSREQUEST']._serialized_start=614
   _globals['_LISTADAPTERSREQUEST']._serialized_end=635
   _globals['_ADAPTERINFO']._serialized_start=638
-  _globals['_ADAPTERINFO']._serialized_end=890
-  _globals['_ADAPTERINFO_METRICSENTRY']._serialized_start=844
-  _globals['_ADAPTERINFO_METRICSENTRY']._serialized_end=890
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=893
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1034
-  _globals['_EMBEDREQUEST']._serialized_start=1036
-  _globals['_EMBEDREQUEST']._serialized_end=1090
-  _globals['_EMBEDDING']._serialized_start=1092
-  _globals['_EMBEDDING']._serialized_end=1151
-  _globals['_EMBEDRESPONSE']._serialized_start=1153
-  _globals['_EMBEDRESPONSE']._serialized_end=1229
-  _globals['_ADAPTERSERVICE']._serialized_start=1232
-  _globals['_ADAPTERSERVICE']._serialized_end=1491
+  _globals['_ADAPTERINFO']._serialized_end=920
+  _globals['_ADAPTERINFO_METRICSENTRY']._serialized_start=874
+  _globals['_ADAPTERINFO_METRICSENTRY']._serialized_end=920
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=923
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1064
+  _globals['_EMBEDREQUEST']._serialized_start=1066
+  _globals['_EMBEDREQUEST']._serialized_end=1120
+  _globals['_EMBEDDING']._serialized_start=1122
+  _globals['_EMBEDDING']._serialized_end=1181
+  _globals['_EMBEDRESPONSE']._serialized_start=1183
+  _globals['_EMBEDRESPONSE']._serialized_end=1259
+  _globals['_ADAPTERSERVICE']._serialized_start=1262
+  _globals['_ADAPTERSERVICE']._serialized_end=1521
 # @@protoc_insertion_point(module_scope)

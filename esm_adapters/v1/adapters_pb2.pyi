@@ -66,7 +66,7 @@ class ListAdaptersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "version", "task", "rank", "status", "reason", "mode", "base_fingerprint", "metrics")
+    __slots__ = ("name", "version", "task", "rank", "status", "reason", "mode", "base_fingerprint", "metrics", "kind", "labels")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,8 @@ class AdapterInfo(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     task: str
@@ -92,7 +94,9 @@ class AdapterInfo(_message.Message):
     mode: str
     base_fingerprint: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., task: _Optional[str] = ..., rank: _Optional[int] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., mode: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    kind: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., task: _Optional[str] = ..., rank: _Optional[int] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., mode: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., kind: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
     __slots__ = ("adapters", "base_fingerprint", "base_name", "registry_problem")
