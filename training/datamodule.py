@@ -29,7 +29,11 @@ class TargetScale:
         return cls(float(values.mean()), float(values.std()) or 1.0)
 
 
-def collate(records: list[Record], task: Task, scale: TargetScale) -> dict[str, torch.Tensor]:
+def collate(indexed: list[tuple[int, Record]], task: Task, scale: TargetScale) -> dict[str, torch.Tensor]:
+    """(index in the split, record) pairs -> tokens, targets and the indices (to gather a split
+    scored in shards by several ranks)."""
+    indices = torch.tensor([i for i, _ in indexed])
+    records = [r for _, r in indexed]
     tokens = tokenize([r.sequence for r in records])
     if task.kind == PER_RESIDUE:
         index = {label: i for i, label in enumerate(task.labels)}
@@ -44,7 +48,7 @@ def collate(records: list[Record], task: Task, scale: TargetScale) -> dict[str, 
         targets = torch.tensor([(float(r.label) - scale.mean) / scale.std for r in records])
     else:
         targets = torch.tensor([task.labels.index(r.label) for r in records])
-    return {"tokens": tokens, "targets": targets}
+    return {"tokens": tokens, "targets": targets, "indices": indices}
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -94,13 +98,14 @@ class FlipDataModule(pl.LightningDataModule):
         self.scale = TargetScale.fit(self.splits["train"]) if task.kind == REGRESSION else TargetScale()
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Under DDP every rank takes its share of the batches, validation too (the module gathers
+        the validation outputs of every rank before scoring)."""
         records = self.splits[split]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = BucketBatchSampler([len(r.sequence) for r in records], self.batch_size, shuffle,
-                                     self.seed, self.bucket_batches, rank if shuffle else 0,
-                                     world if shuffle else 1)
-        return DataLoader(records, batch_sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=lambda rs: collate(rs, self.task, self.scale))
+                                     self.seed, self.bucket_batches, rank, world)
+        return DataLoader(list(enumerate(records)), batch_sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=lambda pairs: collate(pairs, self.task, self.scale))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

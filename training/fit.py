@@ -165,15 +165,17 @@ def make_trainer(config: dict, run_dir: Path, task, train_records: list) -> tupl
     except ImportError:
         pass
     t = config["trainer"]
-    val_every = t["val_check_interval"]
+    val_every, every_epoch = t["val_check_interval"], 1
     batches = -(-len(train_records) // config["model"]["micro_batch_size"])
     if t["max_steps"] > 0 and val_every == 1.0 and t["max_steps"] * t["accumulate_grad_batches"] < batches:
-        val_every = t["max_steps"] * t["accumulate_grad_batches"]  # a short run still validates
+        # a short run still validates: after its last step, counted over epochs (under DDP a rank
+        # sees only its share of an epoch's batches)
+        val_every, every_epoch = t["max_steps"] * t["accumulate_grad_batches"], None
     trainer = pl.Trainer(
         accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"],
         strategy=t["strategy"], precision=t["precision"], max_steps=t["max_steps"],
         max_epochs=t["max_epochs"], accumulate_grad_batches=t["accumulate_grad_batches"],
-        val_check_interval=val_every, limit_train_batches=t["limit_train_batches"],
+        val_check_interval=val_every, check_val_every_n_epoch=every_epoch, limit_train_batches=t["limit_train_batches"],
         limit_val_batches=t["limit_val_batches"], gradient_clip_val=t["gradient_clip_val"],
         log_every_n_steps=t["log_every_n_steps"], num_sanity_val_steps=t["num_sanity_val_steps"],
         callbacks=callbacks, logger=loggers, default_root_dir=run_dir,
@@ -182,7 +184,7 @@ def make_trainer(config: dict, run_dir: Path, task, train_records: list) -> tupl
 
 
 def write_bundle(staged: Path, config: dict, base, task, model: TaskModel, spec: LoraSpec | None,
-                 scale, results: dict, seconds: float, warnings: list[str] = ()) -> dict:
+                 scale, results: dict, seconds: float, warnings: list[str] = (), monitored: dict | None = None) -> dict:
     mode = mode_of(config)
     tensors = {bundles.HEAD_WEIGHTS: model.head.state_dict()}
     json_files = {}
@@ -202,7 +204,8 @@ def write_bundle(staged: Path, config: dict, base, task, model: TaskModel, spec:
         "task": task.name, "task_spec": task.as_dict(), "mode": mode, "output": output,
         "head": model.head_spec.as_dict(), "lora": spec.as_dict() | {"scale": spec.scale} if spec else None,
         "base": base.describe(), "metrics": results,
-        "training": {"seconds": round(seconds, 1), "config": config, "data_warnings": list(warnings)},
+        "training": {"seconds": round(seconds, 1), "config": config, "data_warnings": list(warnings),
+                     "monitored": monitored},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return bundles.write_bundle(staged, manifest, tensors, json_files)
@@ -246,11 +249,15 @@ def run(config: dict) -> dict:
                           d["num_workers"])
     module = AdapterModule(model, task, config["model"]["optim"], data.splits["val"], data.scale)
     start = time.time()
+    monitored = None
     if config["do_training"]:
         trainer, checkpoint = make_trainer(config, run_dir, task, data.splits["train"])
         trainer.fit(module, datamodule=data)
         if not trainer.is_global_zero:
             return {}
+        if checkpoint.best_model_score is not None:  # what early stopping / checkpointing watched
+            monitored = {"metric": checkpoint.monitor, "best": float(checkpoint.best_model_score),
+                         "world_size": trainer.world_size}
         if checkpoint.best_model_path:
             best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
             module.on_load_checkpoint(best)
@@ -269,7 +276,7 @@ def run(config: dict) -> dict:
     if config["publish"]:
         staged = bundles.staging_dir(registry)
         try:
-            write_bundle(staged, config, base, task, model, spec, data.scale, results, seconds, warnings)
+            write_bundle(staged, config, base, task, model, spec, data.scale, results, seconds, warnings, monitored)
             summary["published"] = str(bundles.publish(staged, registry, name))
         finally:
             bundles.discard(staged)  # no-op after a successful rename

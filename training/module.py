@@ -21,7 +21,7 @@ class AdapterModule(pl.LightningModule):
         super().__init__()
         self.model, self.task, self.optim = model, task, optim
         self.val_records, self.scale = val_records, scale
-        self._val_outputs: list[np.ndarray] = []
+        self._val_outputs: dict[int, np.ndarray] = {}  # index in the validation split -> output
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.task.kind == PER_RESIDUE:
@@ -37,24 +37,31 @@ class AdapterModule(pl.LightningModule):
         return loss
 
     def on_validation_epoch_start(self):
-        self._val_outputs = []
+        self._val_outputs = {}
 
     def validation_step(self, batch, _idx):
         outputs, _ = self.model(batch["tokens"])
-        self.log("val/loss", self.loss(outputs, batch["targets"]), batch_size=len(batch["tokens"]))
+        self.log("val/loss", self.loss(outputs, batch["targets"]), batch_size=len(batch["tokens"]), sync_dist=True)
         lengths = batch["tokens"].ne(1).sum(-1) - 2
         for row, out in enumerate(outputs.float().cpu().numpy()):
-            self._val_outputs.append(out[:int(lengths[row])] if out.ndim == 2 else out)
+            self._val_outputs[int(batch["indices"][row])] = out[:int(lengths[row])] if out.ndim == 2 else out
 
     def on_validation_epoch_end(self):
-        # The val loader is unshuffled and sorted by length: map outputs back to their records.
-        # (With limit_val_batches only the shortest sequences are seen; they are scored alone.)
-        order = sorted(range(len(self.val_records)), key=lambda i: len(self.val_records[i].sequence))
-        seen = order[:len(self._val_outputs)]
-        if not seen:
+        """The watched metric over the whole validation split, the same on every rank: under DDP each
+        rank scored a share of it, so the shares are gathered first (a batch repeated to even out
+        the ranks counts once). With limit_val_batches only the records seen are scored."""
+        outputs = dict(self._val_outputs)
+        if self.trainer.world_size > 1:
+            shares = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(shares, self._val_outputs)
+            for share in shares:
+                outputs.update(share)
+        if not outputs:
             return
-        result = score(self.task, [self.val_records[i] for i in seen], self._val_outputs, self.scale)
-        self.log(f"val/{self.task.metric}", result[self.task.metric], prog_bar=True)
+        seen = sorted(outputs)
+        result = score(self.task, [self.val_records[i] for i in seen], [outputs[i] for i in seen], self.scale)
+        # identical on every rank already; sync_dist says so to Lightning (a mean of equal values)
+        self.log(f"val/{self.task.metric}", result[self.task.metric], prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         lr = self.optim["lr"]
