@@ -165,7 +165,9 @@ def make_trainer(config: dict, run_dir: Path, task, train_records: list) -> tupl
     except ImportError:
         pass
     t = config["trainer"]
-    val_every, every_epoch = t["val_check_interval"], 1
+    val_every = t["val_check_interval"]
+    # a whole number = every N training batches, counted across epochs (an epoch may be shorter)
+    every_epoch = None if isinstance(val_every, int) and not isinstance(val_every, bool) else 1
     batches = -(-len(train_records) // config["model"]["micro_batch_size"])
     if t["max_steps"] > 0 and val_every == 1.0 and t["max_steps"] * t["accumulate_grad_batches"] < batches:
         # a short run still validates: after its last step, counted over epochs (under DDP a rank
