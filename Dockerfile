@@ -55,8 +55,10 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/esm /opt/esm
 COPY --from=build /src /app
 WORKDIR /app
+# Ray's token authentication is on: serving.serve makes a token per start (serving/ray_auth.py);
+# on KubeRay the chart's authOptions set RAY_AUTH_MODE and the token from a Secret.
 ENV PATH=/opt/venv/bin:$PATH TORCH_HOME=/opt/esm HF_HOME=/home/esm/.cache/huggingface \
-    RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1
 USER 10001:10001
 VOLUME ["/mnt/adapters"]
 EXPOSE 9000 9100 9443

@@ -20,7 +20,9 @@ import yaml
 from serving import tls_front
 from serving.app import SERVICER, ServiceConfig
 from serving.auth import TokenCheck
-from serving.ports import listening
+from serving import ray_auth
+from serving.metrics_front import MetricsFront
+from serving.ports import free_port, listening
 
 log = logging.getLogger("serving.serve")
 APP_NAME = "esm-adapters"
@@ -46,17 +48,22 @@ def service_args(ns: argparse.Namespace) -> dict:
     return args
 
 
+_running: list = []  # what start() set up besides Ray and Serve, undone by stop() (last first)
+
+
 def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, num_cpus: float = 0.5,
           num_gpus: float = 0.0, ray_cpus: int | None = None, http_port: int = 0, token: str | None = None,
-          max_ongoing_requests: int | None = None, max_queued_requests: int = 1024, access_log: bool = False):
-    """Embedded Ray + Serve on loopback; returns the first ListAdapters answer once the app is
-    RUNNING (base loaded, warm) and routable."""
+          max_ongoing_requests: int | None = None, max_queued_requests: int = 1024, access_log: bool = False,
+          metrics_host: str = "0.0.0.0", ray_token_file: str | None = None):
+    """Embedded Ray + Serve, its control plane closed (serving.ray_auth: token authentication, every
+    Ray port on loopback); the gRPC port and the metrics port are the service's only open doors.
+    Returns the first ListAdapters answer once the app is RUNNING (base loaded, warm) and routable.
+    `token` is the gRPC bearer token clients send; `ray_token_file` Ray's own (default: made now)."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     from serving.app import AdapterServer
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
     # Serve's proxy readiness check (5 s by default) fails on a busy 2-core machine and the
     # controller then kills the proxy; give it room. Inherited by the processes ray.init starts.
@@ -66,10 +73,14 @@ def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, 
     config = ServiceConfig.from_args(args)  # bad arguments fail here, before anything starts
     http_port = http_port or 8000
     require_free_ports({"gRPC": grpc_port, "metrics": metrics_port, "HTTP": http_port})
+    ray_token = ray_auth.close_control_plane(ray_token_file)
+    _running.append(ray_token.close)
     try:  # a start that fails half way stops what it started: no Ray left behind in the caller
-        ray.init(num_cpus=ray_cpus or os.cpu_count(), include_dashboard=False, _metrics_export_port=metrics_port,
+        ray_metrics = free_port()  # Ray's metrics agent, on loopback; the front publishes it
+        ray.init(num_cpus=ray_cpus or os.cpu_count(), include_dashboard=False, _metrics_export_port=ray_metrics,
                  _temp_dir=os.environ.get("ESM_ADAPTERS_RAY_TMP", tempfile.gettempdir() + "/esm-adapters-ray"),
                  namespace=APP_NAME, logging_level=logging.WARNING)
+        _running.append(MetricsFront(metrics_host, metrics_port, ray_metrics).stop)
         serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]),
                     http_options={"host": "127.0.0.1", "port": http_port})
         app = AdapterServer.options(
@@ -120,6 +131,8 @@ def stop() -> None:
             serve.shutdown()
     finally:
         ray.shutdown()
+        while _running:
+            _running.pop()()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grpc-port", type=int, default=9000)
     parser.add_argument("--metrics-port", type=int, default=9100)
+    parser.add_argument("--metrics-host", default="0.0.0.0", help="where the metrics port listens")
+    parser.add_argument("--ray-token-file", help=f"Ray's own token (default ${ray_auth.TOKEN_FILE_ENV}, else one "
+                        "made for this start); not the gRPC bearer token")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--replica-cpus", type=float, default=1.0)
     parser.add_argument("--replica-gpus", type=float, default=0.0)
@@ -154,11 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     token = auth.token().decode() if auth.enabled else None
     log.info("starting: %s%s", json.dumps(args), " (bearer-token auth on)" if auth.enabled else "")
-    adapters = start(args, ns.grpc_port, ns.metrics_port, ns.replicas, ns.replica_cpus, ns.replica_gpus,
-                     token=token, max_queued_requests=ns.max_queued_requests, access_log=ns.access_log)
+    try:
+        adapters = start(args, ns.grpc_port, ns.metrics_port, ns.replicas, ns.replica_cpus, ns.replica_gpus,
+                         token=token, max_queued_requests=ns.max_queued_requests, access_log=ns.access_log,
+                         metrics_host=ns.metrics_host, ray_token_file=ns.ray_token_file)
+    except (OSError, ValueError) as exc:  # a port in use, a bad token file: said plainly
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     ok = sum(a.status == "ok" for a in adapters.adapters)
-    log.info("serving gRPC on 0.0.0.0:%d (reflection on), metrics on http://127.0.0.1:%d/metrics; "
-             "%d adapter versions found (%d servable)", ns.grpc_port, ns.metrics_port, len(adapters.adapters), ok)
+    log.info("serving gRPC on 0.0.0.0:%d (reflection on), metrics on http://%s:%d/metrics; "
+             "%d adapter versions found (%d servable)", ns.grpc_port, ns.metrics_host, ns.metrics_port,
+             len(adapters.adapters), ok)
     front = None
     try:
         if ns.tls_port:

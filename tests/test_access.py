@@ -1,7 +1,8 @@
 """Access on a real Ray Serve deployment. Bearer-token auth: every RPC refuses a missing or wrong
 token with UNAUTHENTICATED, accepts the right one, follows a rotated token file, counts refusals.
 TLS: terminated by serving.tls_front in front of the proxy. Limits: a full request queue answers
-RESOURCE_EXHAUSTED instead of growing, and the service keeps serving."""
+RESOURCE_EXHAUSTED instead of growing, and the service keeps serving. Ray's own control plane:
+token authentication on, Ray's ports on loopback, a driver without the Ray token refused."""
 import concurrent.futures
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -35,7 +37,7 @@ def server(tmp_path_factory):
     args = {"registry": str(registry), "base": str(base_dir), "r_max": 8, "auth_token_file": str(token_file)}
     service.start(args, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2, http_port=free_port(),
                   token="first-secret", max_ongoing_requests=1, max_queued_requests=1)
-    yield {"target": f"127.0.0.1:{grpc_port}", "metrics": metrics_port, "token_file": token_file}
+    yield {"target": f"127.0.0.1:{grpc_port}", "grpc": grpc_port, "metrics": metrics_port, "token_file": token_file}
     service.stop()
 
 
@@ -157,3 +159,87 @@ def test_tls_front_forwards_every_call_with_its_token(server, tmp_path):
         assert "esm_adapters.v1.AdapterService" in {s.name for r in replies for s in r.list_services_response.service}
     finally:
         front.stop(None)
+
+
+# ---- Ray's control plane: token authentication, Ray ports on loopback ---------------------------
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def listeners() -> list[tuple[str, str, int]]:
+    """(process, address, port) of every listening socket of this process and its descendants
+    (the embedded Ray: GCS, raylet, workers, agents, Serve's controller, proxy and replicas)."""
+    import psutil
+    found = []
+    for proc in [psutil.Process()] + psutil.Process().children(recursive=True):
+        try:
+            found += [(proc.name(), c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            pass  # a worker that exited meanwhile
+    return found
+
+
+# Ray's servers that listen on every interface whatever the node address (Ray Serve binds its
+# replicas' inter-deployment server to [::]), with a method each to knock on.
+EVERY_INTERFACE_BY_DESIGN = {"ServeReplica": "/ray.serve.ASGIService/HandleRequest"}
+
+
+def ray_grpc_status(port: int, method: str, token: str | None) -> grpc.StatusCode:
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        return status(lambda: call(b"", metadata=metadata, timeout=30))
+
+
+def test_every_open_port_is_the_users_or_refuses_without_rays_token(server):
+    found = listeners()
+    assert any(name == "gcs_server" for name, _, _ in found), found  # the embedded Ray is this process's
+    outside = [(name, ip, port) for name, ip, port in found if ip not in LOOPBACK]
+    opened = {server["grpc"], server["metrics"]}
+    ray_token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    print("\nlisteners:")
+    for name, ip, port in sorted(found, key=lambda f: f[2]):
+        if ip in LOOPBACK:
+            role = "loopback"
+        elif port in opened:
+            role = "every interface: opened by the user (gRPC, metrics)"
+        else:
+            kind = next((k for k in EVERY_INTERFACE_BY_DESIGN if k in name), None)
+            assert kind, f"{name} listens on {ip}:{port}, every interface, and is not one of the user's ports"
+            method = EVERY_INTERFACE_BY_DESIGN[kind]
+            assert ray_grpc_status(port, method, None) == grpc.StatusCode.UNAUTHENTICATED, (name, port)
+            assert ray_grpc_status(port, method, "0" * 64) == grpc.StatusCode.UNAUTHENTICATED, (name, port)
+            assert ray_grpc_status(port, method, ray_token) != grpc.StatusCode.UNAUTHENTICATED  # the control
+            role = "every interface: Ray, refuses a call without the Ray token (checked)"
+        print(f"  {name[:40]:<40} {ip}:{port:<6} {role}")
+    assert {port for _, _, port in outside} >= opened
+
+
+PROBE = "import ray, sys\nray.init(address=sys.argv[1])\nprint('ran', ray.get(ray.remote(lambda: 1 + 1).remote()))\n"
+
+
+def test_a_ray_driver_without_the_ray_token_is_refused(server):
+    """The ShadowRay door: a plain driver joins the cluster and runs code. Without the token, and
+    with a wrong one, it cannot; with the right one (control) it can; the service keeps serving."""
+    import ray
+    gcs = ray.get_runtime_context().gcs_address
+    assert gcs.split(":")[0] in LOOPBACK
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    drivers = {"no token": {**clean, "RAY_AUTH_MODE": "disabled"},
+               "wrong token": {**clean, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+               "the service's token": dict(os.environ)}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        runs = dict(zip(drivers, pool.map(lambda env: subprocess.run([sys.executable, "-c", PROBE, gcs], env=env,
+                                                                        capture_output=True, text=True, timeout=300),
+                                          drivers.values())))
+    for label in ("no token", "wrong token"):
+        assert runs[label].returncode != 0 and "ran" not in runs[label].stdout, (label, runs[label].stdout)
+    assert runs["the service's token"].stdout.strip().endswith("ran 2"), runs["the service's token"].stderr[-2000:]
+    assert client.predict(server["target"], "ss", ["MKTAY"], token="first-secret").predictions[0].labels
+
+
+def test_the_ray_token_is_private_and_not_the_grpc_token(server):
+    path = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    assert path.stat().st_mode & 0o077 == 0 and path.parent.stat().st_mode & 0o077 == 0
+    assert path.read_text().strip() not in ("", "first-secret")

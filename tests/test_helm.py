@@ -299,7 +299,6 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
     """What KubeRay does with serveConfigV2, done for real: `serve deploy` through the Ray
     dashboard's REST API onto a running cluster, then Predict over gRPC (CPU values file, with
     service.dtype set, which must reach the replica's engine)."""
-    import os
 
     import ray
 
@@ -308,6 +307,7 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
     from modeling.base import load_base
     from serving import client
     from serving.engine import Engine, EngineConfig
+    from serving import ray_auth
     from serving.serve import stop, wait_until_routable
     base_dir = tiny_hf_folder(tmp_path / "base")
     registry = tmp_path / "adapters"
@@ -320,7 +320,7 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     config = tmp_path / "serve_config.yaml"
     config.write_text(only(docs, "RayService")["spec"]["serveConfigV2"])
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray_token = ray_auth.close_control_plane()  # as a KubeRay cluster with authOptions runs
     ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit 107 bytes
     try:  # inside: a Ray that fails half way up is shut down too
         ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
@@ -341,4 +341,5 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
             assert (difference < 1e-4) == same, (dtype, difference)
     finally:
         stop()
+        ray_token.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
