@@ -9,6 +9,7 @@ The serve config inside the RayService is checked against Ray's own schema and a
 """
 from __future__ import annotations
 
+import base64
 import importlib
 import json
 import shutil
@@ -210,7 +211,7 @@ def test_secrets_are_mounted_where_the_service_is_told_to_look():
     docs = render("everything-on")
     for name, spec in pod_specs(docs).items():
         container = spec["containers"][0]
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert env["ESM_ADAPTERS_TLS_CERT_FILE"].startswith(mounts["tls"] + "/"), name
@@ -274,6 +275,8 @@ def test_values_schema_matches_the_code():
     ("tls.enabled=true", "secretName"),
     ("image.pullPolicy=Sometimes", "pullPolicy"),
     ("trainingJob.task=folding", "task"),
+    ("networkPolicy.grpcFrom[0].bogus=1", "bogus"),
+    ("rayAuth.existingSecret=Not_A_Name", "existingSecret"),
 ])
 def test_wrong_values_fail_at_install(bad, message):
     out = helm("template", "esm", str(CHART), "--set", bad)
@@ -286,6 +289,65 @@ def test_notes_tell_how_to_call_predict_and_upload():
     notes = out.stdout.split("NOTES:", 1)[1]
     assert "port-forward svc/esm-esm-adapters-grpc 9000:9000" in notes
     assert "python -m serving.registry push" in notes and "kubectl -n proteins cp" in notes
+
+
+def render_with(*sets: str) -> list[dict]:
+    out = helm("template", "esm", str(CHART), "--namespace", "proteins", *(arg for s in sets for arg in ("--set", s)))
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def ray_pod_labels(docs: list[dict]) -> list[dict]:
+    cluster = only(docs, "RayService")["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    return [group["template"]["metadata"]["labels"] for group in groups]
+
+
+def admitted(policy: dict) -> dict[tuple, list | None]:
+    """Ingress rules as {ports: from-peers (None = from anywhere)}; () = every port."""
+    return {tuple(p["port"] for p in rule.get("ports", [])): rule.get("from") for rule in policy["spec"]["ingress"]}
+
+
+def test_ray_token_auth_and_a_network_policy_by_default():
+    docs = render("default")
+    secret = only(docs, "Secret")
+    cluster = only(docs, "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": secret["metadata"]["name"]}
+    token = base64.b64decode(secret["data"]["auth_token"]).decode()
+    assert len(token) == 64 and token.isalnum()
+    assert base64.b64decode(only(render_with(), "Secret")["data"]["auth_token"]).decode() != token  # random
+    policy = only(docs, "NetworkPolicy")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert all(selector.items() <= labels.items() for labels in ray_pod_labels(docs))  # every Ray pod
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = admitted(policy)
+    assert rules[(9000,)] is None  # the gRPC front door, from anywhere by default
+    assert rules[(8080,)] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert rules[(8265,)] == [{"namespaceSelector": {}, "podSelector": {
+        "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    assert rules[()] == [{"podSelector": {"matchLabels": selector}}]  # Ray's own ports: own pods only
+    assert set(rules) == {(9000,), (8080,), (8265,), ()}  # GCS 6379, client 10001, HTTP 8000: not from outside
+
+
+def test_with_tls_the_front_is_the_only_public_port():
+    rules = admitted(only(render("everything-on"), "NetworkPolicy"))
+    assert (9443,) in rules and (9000,) not in rules
+
+
+def test_network_policy_off_an_existing_ray_secret_and_ray_auth_off():
+    docs = render_with("networkPolicy.enabled=false", "rayAuth.existingSecret=mine", "trainingJob.enabled=true",
+                       "networkPolicy.grpcFrom[0].podSelector.matchLabels.team=proteins")
+    assert not [d for d in docs if d["kind"] in ("NetworkPolicy", "Secret")]
+    assert only(docs, "RayService")["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token", "secretName": "mine"}
+    env = {e["name"]: e for e in pod_specs(docs)["job"]["containers"][0]["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "auth_token"}
+    peers = admitted(only(render_with("networkPolicy.grpcFrom[0].podSelector.matchLabels.team=proteins"),
+                          "NetworkPolicy"))[(9000,)]
+    assert peers == [{"podSelector": {"matchLabels": {"team": "proteins"}}}]
+    off = render_with("rayAuth.enabled=false")
+    assert only(off, "RayService")["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "disabled"}
+    assert not [d for d in off if d["kind"] == "Secret"]
 
 
 def test_grafana_dashboard_is_shipped_whole():

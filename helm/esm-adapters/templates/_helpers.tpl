@@ -144,3 +144,21 @@ imagePullSecrets:
     - {name: tmp, mountPath: /tmp}
 {{- end }}
 {{- end -}}
+
+{{/* The Secret holding Ray's token (key auth_token, as KubeRay's authOptions read it). */}}
+{{- define "esm.rayTokenSecret" -}}
+{{- .Values.rayAuth.existingSecret | default (printf "%s-ray-token" (include "esm.fullname" .)) -}}
+{{- end -}}
+
+{{/* Ray's token for a container KubeRay does not manage (the training Job), should it join the cluster. */}}
+{{- define "esm.rayAuthEnv" -}}
+{{- if .Values.rayAuth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "esm.rayTokenSecret" . }}
+      key: auth_token
+{{- end }}
+{{- end -}}
