@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.engine import NaivePeft, publish_random_adapters, rates, sequences
+from bench.engine import NaivePeft, cold_load_ms, publish_random_adapters, rates, sequences
 from bench.train import Stepper, real_batches
 from modeling.base import Base, load_base
 from modeling.encoder import EncoderShape, EsmEncoder, stock_fair_esm
@@ -354,7 +354,7 @@ def serving(size: str):
                 if plan.device == "cuda":
                     result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 clock.check(f"{dtype}: cold loads")
-                result.update(cold_loads(device_engine, cold, plan.device))
+                result.update(cold_loads(device_engine, cold))
                 if dtype == "bfloat16" and size == "650M":
                     result["slot_capacity"] = slot_capacity(device_engine, plan.device)
                 del device_engine
@@ -376,19 +376,17 @@ def serving(size: str):
     return part
 
 
-def cold_loads(device_engine: Engine, names: list[str], device: str) -> dict:
+def slot_bytes(device_engine: Engine) -> int:
+    """What one device slot holds: A and B of every wrapped linear at r_max, in the engine's dtype."""
+    return sum(t.element_size() * t[0].numel() for layer in device_engine.layers.values()
+               for t in (layer.lora_a, layer.lora_b))
+
+
+def cold_loads(device_engine: Engine, names: list[str]) -> dict:
     """Disk -> verified CPU tensors (checksums included) -> a usable device slot, per adapter never
     seen before; and what a slot holds against the adapter's own float32 weights."""
-    times = []
-    for name in names:
-        start = time.perf_counter()
-        adapter = device_engine.load(name)
-        device_engine._acquire(adapter)
-        device_engine.slots.release(adapter.ref)
-        sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    per_slot = sum(t.element_size() * t[0].numel() for layer in device_engine.layers.values()
-                   for t in (layer.lora_a, layer.lora_b))
+    times = cold_load_ms(device_engine, names)
+    per_slot = slot_bytes(device_engine)
     weights = device_engine.load(names[0]).nbytes
     return {"adapter_load_ms": round(statistics.median(times), 2), "adapter_load_ms_max": round(max(times), 2),
             "device_slot_mb": round(per_slot / 2**20, 3), "adapter_weights_mb": round(weights / 2**20, 3),
@@ -400,8 +398,7 @@ def slot_capacity(device_engine: Engine, device: str) -> dict:
     served: the free memory over one slot's bytes."""
     if device != "cuda":
         return {"note": "measured on CUDA only"}
-    per_slot = sum(t.element_size() * t[0].numel() for layer in device_engine.layers.values()
-                   for t in (layer.lora_a, layer.lora_b))
+    per_slot = slot_bytes(device_engine)
     total = torch.cuda.get_device_properties(0).total_memory
     activations = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
     headroom = 2 * 2**30
