@@ -33,6 +33,32 @@ def binding_rows(n: int, seed: int, extra_column: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bionemo_config(root, tiny_base_dir):
+    """The same kind of task declared only with BioNeMo's keys, over BioNeMo's file layout."""
+    for split, seed in (("train", 4), ("val", 5), ("test", 6)):
+        (root / "flip" / split).mkdir(parents=True, exist_ok=True)
+        (root / "flip" / split / "x000.csv").write_text(binding_rows(24 if split == "train" else 6, seed))
+    config = root / "downstream_binding.yaml"
+    config.write_text(f"""
+name: binding-bionemo
+trainer: {{max_steps: 4}}
+model:
+  restore_encoder_path: {tiny_base_dir}
+  micro_batch_size: 8
+  peft: {{lora_tuning: {{adapter_dim: 2}}}}
+  data:
+    task_name: binding
+    task_type: token-level-classification
+    sequence_column: protein
+    target_column: [binds]
+    target_sizes: [2]
+    mask_column: [observed]
+    dataset_path: {root / "flip"}
+    dataset: {{train: x000, val: x000, test: x000}}
+""")
+    return config
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_base_dir):
     root = tmp_path_factory.mktemp("user_task")
@@ -45,6 +71,8 @@ def trained(tmp_path_factory, tiny_base_dir):
             "--registry", str(root / "adapters"), "--run-dir", str(root / "runs"), "--rank", "4",
             "--max-steps", "8", "--batch-size", "8"]
     summary = fit.run(fit.parse_args(argv))
+    fit.run(fit.parse_args(["--config", str(bionemo_config(root, tiny_base_dir)), "--registry", str(root / "adapters"),
+                            "--run-dir", str(root / "runs")]))
     return root, summary
 
 
@@ -67,49 +95,32 @@ def test_a_yaml_task_is_served_over_grpc_like_a_builtin(trained, tiny_base_dir):
     listed = service.start({"registry": str(root / "adapters"), "base": str(tiny_base_dir), "r_max": 8},
                            grpc_port, free_port(), num_cpus=0.5, ray_cpus=2, http_port=free_port())
     try:
-        entry = next(a for a in listed.adapters if a.name == "my-binding-r4")
-        assert entry.status == "ok" and entry.task == "my-binding" and entry.kind == "per_residue"
-        assert list(entry.labels) == ["0", "1"]
-        sequence = "MKCHDEAAGLLV"
-        response = client.predict(f"127.0.0.1:{grpc_port}", "my-binding-r4", [sequence], probabilities=True)
-        prediction = response.predictions[0]
-        assert response.adapter == "my-binding-r4@1" and response.kind == "per_residue"
-        assert len(prediction.labels) == len(sequence) and set(prediction.labels) <= {"0", "1"}
-        assert all(len(p.values) == 2 for p in prediction.residue_probabilities)
+        for name, task in (("my-binding-r4", "my-binding"), ("binding-bionemo", "binding")):  # yaml, BioNeMo keys
+            entry = next(a for a in listed.adapters if a.name == name)
+            assert entry.status == "ok" and entry.task == task and entry.kind == "per_residue"
+            assert list(entry.labels) == ["0", "1"]
+            sequence = "MKCHDEAAGLLV"
+            response = client.predict(f"127.0.0.1:{grpc_port}", name, [sequence], probabilities=True)
+            prediction = response.predictions[0]
+            assert response.adapter == f"{name}@1" and response.kind == "per_residue"
+            assert len(prediction.labels) == len(sequence) and set(prediction.labels) <= {"0", "1"}
+            assert all(len(p.values) == 2 for p in prediction.residue_probabilities)
     finally:
         service.stop()
 
 
-def test_bionemo_keys_declare_and_train_a_task(tmp_path, tiny_base_dir):
-    for split, seed in (("train", 4), ("val", 5), ("test", 6)):
-        (tmp_path / "flip" / split).mkdir(parents=True)
-        (tmp_path / "flip" / split / "x000.csv").write_text(binding_rows(24 if split == "train" else 6, seed))
-    config = tmp_path / "downstream_binding.yaml"
-    config.write_text(f"""
-name: binding-bionemo
-trainer: {{max_steps: 4}}
-model:
-  restore_encoder_path: {tiny_base_dir}
-  micro_batch_size: 8
-  peft: {{lora_tuning: {{adapter_dim: 2}}}}
-  data:
-    task_name: binding
-    task_type: token-level-classification
-    sequence_column: protein
-    target_column: [binds]
-    target_sizes: [2]
-    mask_column: [observed]
-    dataset_path: {tmp_path / "flip"}
-    dataset: {{train: x000, val: x000, test: x000}}
-""")
-    summary = fit.run(fit.parse_args(["--config", str(config), "--registry", str(tmp_path / "reg"),
-                                      "--run-dir", str(tmp_path / "runs")]))
-    manifest = bundles.read_manifest(tmp_path / "reg" / "binding-bionemo" / "1")
-    assert summary["task"] == "binding" and manifest["task_spec"]["mask_column"] == "observed"
-    assert manifest["metrics"]["test"]["sequences"] == 6
-    code = fit.main(["--config", str(config), "--registry", str(tmp_path / "reg"), "--run-dir", str(tmp_path / "runs"),
+def test_bionemo_keys_declare_train_publish_and_evaluate_a_task(trained):
+    root, _ = trained
+    folder = root / "adapters" / "binding-bionemo" / "1"
+    manifest = bundles.read_manifest(folder)
+    assert manifest["task"] == "binding" and manifest["task_spec"]["mask_column"] == "observed"
+    assert manifest["task_spec"]["sequence_column"] == "protein" and manifest["metrics"]["test"]["sequences"] == 6
+    result = evaluate.evaluate(str(folder), root / "flip" / "test" / "x000.csv")
+    assert result["task"] == "binding" and result["sequences"] == 6
+    config = root / "downstream_binding.yaml"
+    code = fit.main(["--config", str(config), "--registry", str(root / "adapters"), "--run-dir", str(root / "runs"),
                      "model.data.num_classes=3", "model.data.target_sizes=null"])
-    assert code == 2 and bundles.versions(tmp_path / "reg", "binding-bionemo") == [1]  # refused, nothing new
+    assert code == 2 and bundles.versions(root / "adapters", "binding-bionemo") == [1]  # refused, nothing new
 
 
 def test_flags_declare_a_sequence_task_with_inferred_classes(tmp_path, tiny_base_dir):
