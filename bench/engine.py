@@ -57,10 +57,10 @@ HEAD_LABELS = {PER_RESIDUE: list("HEC"), SEQUENCE_CLASS: ["a", "b", "c", "d"], R
 
 
 def publish_random_adapters(base, registry: Path, count: int, rank: int | list[int], prefix: str = "bench",
-                            kinds: tuple[str, ...] = (PER_RESIDUE,)) -> list[str]:
+                            kinds: tuple[str, ...] = (PER_RESIDUE,), mode: str = "lora") -> list[str]:
     """`count` random adapters published as real bundles; adapter i gets rank[i % len(rank)] (or
-    `rank`) and head kind kinds[i % len(kinds)]. Built from tensors, not a model copy per adapter,
-    so that a hundred adapters of a 650M base take seconds."""
+    `rank`) and head kind kinds[i % len(kinds)]; mode "frozen" publishes heads alone. Built from
+    tensors, not a model copy per adapter, so that a hundred adapters of a 650M base take seconds."""
     ranks = rank if isinstance(rank, list) else [rank]
     shape = base.encoder.shape
     names = []
@@ -72,13 +72,16 @@ def publish_random_adapters(base, registry: Path, count: int, rank: int | list[i
         torch.manual_seed(i)
         head_spec = HeadSpec(kind, len(labels) or 1, shape.embed_dim)
         head = build_head(head_spec)
-        manifest = {"task": f"random-{kind}", "mode": "lora", "output": {"kind": kind, "labels": labels},
-                    "head": head_spec.as_dict(), "lora": spec.as_dict(),
+        lora = mode == "lora"
+        manifest = {"task": f"random-{kind}", "mode": mode, "output": {"kind": kind, "labels": labels},
+                    "head": head_spec.as_dict(), "lora": spec.as_dict() if lora else None,
                     "base": {"fingerprint": base.fingerprint}, "metrics": {}}
+        tensors = {bundles.HEAD_WEIGHTS: head.state_dict()}
+        if lora:
+            tensors[bundles.ADAPTER_WEIGHTS] = random_lora_tensors(shape, spec, generator)
         staged = bundles.staging_dir(registry)
-        bundles.write_bundle(staged, manifest, {bundles.ADAPTER_WEIGHTS: random_lora_tensors(shape, spec, generator),
-                                                bundles.HEAD_WEIGHTS: head.state_dict()},
-                             {bundles.ADAPTER_CONFIG: adapter_config(spec, shape.num_layers)})
+        bundles.write_bundle(staged, manifest, tensors,
+                             {bundles.ADAPTER_CONFIG: adapter_config(spec, shape.num_layers)} if lora else {})
         bundles.publish(staged, registry, f"{prefix}{i}")
         names.append(f"{prefix}{i}")
     return names

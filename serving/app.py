@@ -31,6 +31,9 @@ SERVICER = "esm_adapters.v1.adapters_pb2_grpc.add_AdapterServiceServicer_to_serv
 WARMUP = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWUAIGLNGELLKAGLIQGSE"
 
 
+MAX_ADAPTERS_PER_CALL = 32  # Annotate: each adapter adds a Predict's worth of work
+
+
 @dataclass
 class ServiceConfig:
     """Everything configurable; the Serve config's `args` and `serving.serve` flags map onto it."""
@@ -194,11 +197,58 @@ class AdapterServer:
         self.metrics.latency.observe(time.perf_counter() - started, tags={"stage": "total"})
         return response
 
-    def _validate(self, request: pb.PredictRequest):
+    async def Annotate(self, request: pb.AnnotateRequest, grpc_context=None) -> pb.AnnotateResponse:
+        """Every named adapter over the same sequences; the pairs go through the same batcher as
+        Predict's, where head-only adapters asked for one sequence share its encoder pass."""
+        started = time.perf_counter()
         try:
-            bundles.parse_ref(request.adapter)
+            self.auth.check(metadata_of(grpc_context))
+            if not request.adapters:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no adapters in the request")
+            if len(request.adapters) > MAX_ADAPTERS_PER_CALL:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(request.adapters)} adapters; the "
+                                   f"limit per call is {MAX_ADAPTERS_PER_CALL}")
+            if len(set(request.adapters)) != len(request.adapters):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "an adapter is named twice")
+            entries = [self._adapter(ref) for ref in request.adapters]
+            sequences, cropped = self._sequences(request)
+            for entry in entries:
+                self.engine.prefetch(entry.ref)
+            now = time.perf_counter()
+            outcomes = await asyncio.gather(*[self._batch((entry.ref, seq, request.residue_probabilities, now))
+                                              for entry in entries for seq in sequences])
+            results = [result for result, _ in outcomes]
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            response = pb.AnnotateResponse()
+            for i, entry in enumerate(entries):
+                part = results[i * len(sequences):(i + 1) * len(sequences)]
+                response.results.append(self._response(entry, part, cropped))
+            code = grpc.StatusCode.OK
+        except Exception as exc:  # every failure becomes a defined status; the server keeps serving
+            code = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("Annotate failed")
+            response = fail(grpc_context, exc, pb.AnnotateResponse())
+        self.metrics.requests.inc(tags={"adapter": "_annotate", "code": code.name})
+        self.metrics.latency.observe(time.perf_counter() - started, tags={"stage": "total"})
+        return response
+
+    def _validate(self, request: pb.PredictRequest):
+        entry = self._adapter(request.adapter)
+        sequences, cropped = self._sequences(request)
+        return entry.ref, entry, sequences, cropped
+
+    def _adapter(self, ref: str):
+        try:
+            bundles.parse_ref(ref)
         except bundles.BundleError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        return self.engine.registry.resolve(ref)  # NOT_FOUND / FAILED_PRECONDITION
+
+    def _sequences(self, request) -> tuple[list[str], list[bool]]:
+        """The request's sequences, checked and normalised (cropped where asked)."""
         if not request.sequences:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no sequences in the request")
         if len(request.sequences) > self.config.max_sequences_per_request:
@@ -221,8 +271,7 @@ class AdapterServer:
                                    f"{MAX_RESIDUES} (set crop=true to crop)")
             cropped.append(len(seq) > MAX_RESIDUES)
             sequences.append(seq[:MAX_RESIDUES])
-        entry = self.engine.registry.resolve(request.adapter)  # NOT_FOUND / FAILED_PRECONDITION
-        return entry.ref, entry, sequences, cropped
+        return sequences, cropped
 
     @staticmethod
     def _response(entry, results: list[Prediction], cropped: list[bool]) -> pb.PredictResponse:

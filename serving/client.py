@@ -1,6 +1,7 @@
 """Command-line client for the gRPC service.
 
   python -m serving.client predict --adapter sec_str-r16 --sequence MKTAYIAK... [--fasta file] [--target host:port]
+  python -m serving.client predict --adapter sec_str-r16,scl-frozen,bind-r16 --fasta proteome.fasta   (Annotate)
   python -m serving.client list [--target host:port]
   --token-file FILE (or $ESM_ADAPTERS_AUTH_TOKEN_FILE / $ESM_ADAPTERS_AUTH_TOKEN) when the service requires a token;
   --tls or --tls-ca FILE for a TLS endpoint (serving.tls_front)
@@ -48,6 +49,12 @@ class AdapterClient:
                                     crop=crop)
         return self.stub.Predict(request, metadata=self.metadata, timeout=timeout)
 
+    def annotate(self, adapters: list[str], sequences: list[str], probabilities: bool = False, crop: bool = False,
+                 timeout: float = 120.0) -> pb.AnnotateResponse:
+        request = pb.AnnotateRequest(adapters=adapters, sequences=sequences, residue_probabilities=probabilities,
+                                     crop=crop)
+        return self.stub.Annotate(request, metadata=self.metadata, timeout=timeout)
+
     def list_adapters(self, timeout: float = 30.0) -> pb.ListAdaptersResponse:
         return self.stub.ListAdapters(pb.ListAdaptersRequest(), metadata=self.metadata, timeout=timeout)
 
@@ -66,6 +73,12 @@ def predict(target: str, adapter: str, sequences: list[str], probabilities: bool
     """One call on a channel of its own (scripts, tests); use AdapterClient for many."""
     with AdapterClient(target, token, **tls) as c:
         return c.predict(adapter, sequences, probabilities, crop, timeout)
+
+
+def annotate(target: str, adapters: list[str], sequences: list[str], probabilities: bool = False,
+             crop: bool = False, timeout: float = 120.0, token: str | None = None, **tls) -> pb.AnnotateResponse:
+    with AdapterClient(target, token, **tls) as c:
+        return c.annotate(adapters, sequences, probabilities, crop, timeout)
 
 
 def list_adapters(target: str, timeout: float = 30.0, token: str | None = None, **tls) -> pb.ListAdaptersResponse:
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-ca", help="connect with TLS, trusting this PEM certificate/CA")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict")
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", required=True, help="NAME[@VERSION], or several comma-separated (one Annotate call)")
     p.add_argument("--sequence", action="append", default=[])
     p.add_argument("--fasta")
     p.add_argument("--crop", action="store_true")
@@ -140,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
             named += read_fasta(args.fasta)
         if not named:
             parser.error("give --sequence or --fasta")
-        response = predict(args.target, args.adapter, [s for _, s in named], crop=args.crop, token=token, **tls)
-        print(render(response, [n for n, _ in named], [s.upper()[:1022] for _, s in named]))
+        adapters = [a for a in args.adapter.split(",") if a]
+        sequences, names, shown = [s for _, s in named], [n for n, _ in named], [s.upper()[:1022] for _, s in named]
+        if len(adapters) == 1:
+            responses = [predict(args.target, adapters[0], sequences, crop=args.crop, token=token, **tls)]
+        else:
+            responses = annotate(args.target, adapters, sequences, crop=args.crop, token=token, **tls).results
+        print("\n\n".join(render(response, names, shown) for response in responses))
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

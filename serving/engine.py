@@ -175,6 +175,7 @@ class BatchStats:
     distinct_adapters: int
     padding_ratio: float  # padded positions / all positions
     seconds: float
+    encoded: int = 0  # encoder rows: fewer than `size` where adapters shared a sequence's pass
 
 
 class Engine:
@@ -491,14 +492,18 @@ class Engine:
         return slot
 
     def _chunks(self, items: list[_Item]):
-        """Length-sorted batches bounded by max_batch_size and max_batch_residues (padded)."""
+        """Length-sorted batches bounded by max_batch_size (items) and max_batch_residues (padded
+        encoder rows: head-only adapters asked for the same sequence share a row, see _run)."""
         batch: list[_Item] = []
-        for item in sorted(items, key=lambda it: len(it.sequence)):
-            padded = (len(batch) + 1) * (len(item.sequence) + 2)
+        rows: set[tuple] = set()
+        for item in sorted(items, key=lambda it: (len(it.sequence), it.sequence)):
+            row = (item.sequence, item.adapter.ref if item.adapter.has_lora else None)
+            padded = (len(rows | {row})) * (len(item.sequence) + 2)
             if batch and (len(batch) >= self.config.max_batch_size or padded > self.config.max_batch_residues):
                 yield batch
-                batch = []
+                batch, rows = [], set()
             batch.append(item)
+            rows.add(row)
         if batch:
             yield batch
 
@@ -506,42 +511,49 @@ class Engine:
     def _run(self, items: list[_Item], encoder: nn.Module, results: list, slots: bool = False) -> None:
         for chunk in self._chunks(items):
             start = time.perf_counter()
-            tokens = tokenize([it.sequence for it in chunk]).to(self.device)
+            # One encoder row per distinct (sequence, slot): head-only adapters (slot 0) asked for the
+            # same sequence share one pass, and so does one adapter asked twice.
+            row_of: dict[tuple[str, int], int] = {}
+            rows_of_items = [row_of.setdefault((it.sequence, it.slot), len(row_of)) for it in chunk]
+            encoded = list(row_of)
+            tokens = tokenize([sequence for sequence, _ in encoded]).to(self.device)
             with self._forward:
                 if slots and self._copy_stream is not None:
                     compute = torch.cuda.current_stream(self.device)
-                    for slot in {it.slot for it in chunk}:
+                    for slot in {slot for _, slot in encoded}:
                         if slot in self._slot_ready:
                             compute.wait_event(self._slot_ready[slot])
-                self.context.slots = torch.tensor([it.slot for it in chunk], device=self.device) if slots else None
+                self.context.slots = torch.tensor([slot for _, slot in encoded], device=self.device) if slots else None
                 try:
                     reps = encoder(tokens)
                 finally:
                     self.context.slots = None
-            lengths = torch.tensor([len(it.sequence) for it in chunk], device=self.device)
+            lengths = torch.tensor([len(sequence) for sequence, _ in encoded], device=self.device)
             reps, mask = residues(reps, lengths)
             self.stats["batches"] += 1
             self.stats["sequences"] += len(chunk)
+            self.stats["encoded"] += len(encoded)
             groups: dict[str, list[int]] = {}
-            for row, it in enumerate(chunk):
-                groups.setdefault(it.adapter.ref, []).append(row)
+            for k, it in enumerate(chunk):
+                groups.setdefault(it.adapter.ref, []).append(k)
             outputs = []
-            for ref, rows in groups.items():  # heads run per adapter group after the shared encoder
-                idx = torch.tensor(rows, device=self.device)
-                outputs.append(chunk[rows[0]].adapter.head(reps[idx], mask[idx]).float())
+            for ref, members in groups.items():  # heads run per adapter group after the shared encoder
+                idx = torch.tensor([rows_of_items[k] for k in members], device=self.device)
+                outputs.append(chunk[members[0]].adapter.head(reps[idx], mask[idx]).float())
             # One copy to the host for the whole batch: a copy per group waits on the device each time
             # (64 adapters in a batch: 64 round trips).
             host = torch.cat([out.reshape(-1) for out in outputs]).cpu().split([out.numel() for out in outputs])
-            for rows, out, flat in zip(groups.values(), outputs, host):
+            for members, out, flat in zip(groups.values(), outputs, host):
                 flat = flat.view(out.shape)
-                for k, row in enumerate(rows):
-                    results[chunk[row].index] = self._decode(chunk[row], flat[k])
-            self._observe(chunk, tokens.shape[1] - 2, time.perf_counter() - start)
+                for j, k in enumerate(members):
+                    results[chunk[k].index] = self._decode(chunk[k], flat[j])
+            self._observe(chunk, [sequence for sequence, _ in encoded], tokens.shape[1] - 2, time.perf_counter() - start)
 
-    def _observe(self, chunk: list[_Item], width: int, seconds: float) -> None:
-        residues_total = sum(len(it.sequence) for it in chunk)
+    def _observe(self, chunk: list[_Item], encoded: list[str], width: int, seconds: float) -> None:
+        """encoded: the sequences the encoder ran (one per row)."""
+        residues_total = sum(map(len, encoded))
         stats = BatchStats(len(chunk), len({it.adapter.ref for it in chunk}),
-                           1.0 - residues_total / (len(chunk) * width), seconds)
+                           1.0 - residues_total / (len(encoded) * width), seconds, len(encoded))
         for observer in self.batch_observers:
             observer(stats)
 
@@ -569,7 +581,7 @@ class Engine:
             self.stats["sequences"] += len(chunk)
             for row, it in enumerate(chunk):
                 results[it.index] = self._decode(it, out[row])
-            self._observe(chunk, tokens.shape[1] - 2, time.perf_counter() - start)
+            self._observe(chunk, [it.sequence for it in chunk], tokens.shape[1] - 2, time.perf_counter() - start)
 
     def _decode(self, item: _Item, out: torch.Tensor) -> Prediction:
         adapter, length = item.adapter, len(item.sequence)

@@ -316,3 +316,26 @@ def test_half_precision_agrees_with_float32_within_stated_tolerance(tiny_base_di
 def test_unknown_dtype_is_refused(tiny_base_dir, registry):
     with pytest.raises(ValueError, match="dtype 'float8'"):
         Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(dtype="float8"))
+
+
+def test_head_only_adapters_asked_for_one_sequence_share_one_encoder_pass(tiny_base_dir, registry):
+    """Annotating a sequence with N frozen-mode adapters costs one encoder row plus N heads; LoRA
+    adapters still take a row each; every answer equals the adapter asked alone."""
+    base = load_base(str(tiny_base_dir))
+    frozen = [f"f{i}" for i in range(4)]
+    for i, name in enumerate(frozen):
+        make_bundle(base, registry, name, mode="frozen", kind=(PER_RESIDUE, SEQUENCE_CLASS)[i % 2], seed=i)
+    make_bundle(base, registry, "lora", rank=4, seed=9)
+    sequences = random_sequences(6, 10, 30, seed=5)
+    requests = [(name, s, True) for s in sequences for name in frozen + ["lora"]]
+    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8, max_batch_size=64))
+    together = engine.predict(requests)
+    assert engine.stats["encoded"] == 2 * len(sequences)  # one row for the 4 head-only adapters, one for LoRA
+    for (name, seq, _), got in zip(requests, together):
+        alone = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8)).predict([(name, seq, True)])[0]
+        assert got.adapter == alone.adapter
+        if got.kind == PER_RESIDUE:
+            torch.testing.assert_close(torch.tensor(got.residue_probabilities),
+                                       torch.tensor(alone.residue_probabilities), atol=ATOL, rtol=0)
+        else:
+            assert got.probabilities == pytest.approx(alone.probabilities, abs=ATOL)

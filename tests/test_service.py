@@ -299,3 +299,22 @@ def test_uploads_removals_and_a_replacement_under_load_never_answer_wrongly(serv
     for asked, adapter, value, _ in answered:
         assert adapter.split("@")[0] == asked and value == pytest.approx(value_of[adapter], abs=1e-3), (asked, adapter)
     assert all(code == grpc.StatusCode.NOT_FOUND and asked in removed for asked, *_, code in failed), failed[:5]
+
+
+def test_annotate_answers_every_adapter_like_predict_and_refuses_bad_lists(server, capsys):
+    t, seqs = server["target"], random_sequences(5, 10, 40, seed=21)
+    response = client.annotate(t, ["cls", "ss@1"], seqs, probabilities=True)
+    assert [r.adapter for r in response.results] == ["cls@1", "ss@1"]
+    for result, name in zip(response.results, ("cls", "ss@1")):
+        alone = client.predict(t, name, seqs, probabilities=True)
+        assert result.kind == alone.kind and list(result.label_names) == list(alone.label_names)
+        for got, want in zip(result.predictions, alone.predictions):
+            assert (got.labels, got.label) == (want.labels, want.label)
+    assert code_of(lambda: client.annotate(t, [], seqs))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: client.annotate(t, ["ss", "ss"], seqs))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: client.annotate(t, ["ss", "missing"], seqs))[0] == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: client.annotate(t, ["ss", "toobig"], seqs))[0] == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: client.annotate(t, ["ss"], ["MKZJ"]))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.main(["--target", t, "predict", "--adapter", "ss,cls", "--sequence", "MKTAYIAK"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter ss@1" in out and "adapter cls@1" in out

@@ -135,3 +135,21 @@ class EmbedResponse(_message.Message):
     dim: int
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     def __init__(self, dim: _Optional[int] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
+
+class AnnotateRequest(_message.Message):
+    __slots__ = ("adapters", "sequences", "residue_probabilities", "crop")
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    RESIDUE_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    CROP_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    sequences: _containers.RepeatedScalarFieldContainer[str]
+    residue_probabilities: bool
+    crop: bool
+    def __init__(self, adapters: _Optional[_Iterable[str]] = ..., sequences: _Optional[_Iterable[str]] = ..., residue_probabilities: _Optional[bool] = ..., crop: _Optional[bool] = ...) -> None: ...
+
+class AnnotateResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PredictResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[PredictResponse, _Mapping]]] = ...) -> None: ...

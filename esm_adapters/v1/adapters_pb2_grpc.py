@@ -49,6 +49,11 @@ class AdapterServiceStub:
                 request_serializer=esm__adapters_dot_v1_dot_adapters__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=esm__adapters_dot_v1_dot_adapters__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Annotate = channel.unary_unary(
+                '/esm_adapters.v1.AdapterService/Annotate',
+                request_serializer=esm__adapters_dot_v1_dot_adapters__pb2.AnnotateRequest.SerializeToString,
+                response_deserializer=esm__adapters_dot_v1_dot_adapters__pb2.AnnotateResponse.FromString,
+                _registered_method=True)
 
 
 class AdapterServiceServicer:
@@ -76,6 +81,14 @@ class AdapterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Annotate(self, request, context):
+        """Several adapters over the same sequences in one call: one answer per adapter, as Predict
+        gives it. Head-only (frozen-mode) adapters share one encoder pass per sequence.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +106,11 @@ def add_AdapterServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=esm__adapters_dot_v1_dot_adapters__pb2.EmbedRequest.FromString,
                     response_serializer=esm__adapters_dot_v1_dot_adapters__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Annotate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Annotate,
+                    request_deserializer=esm__adapters_dot_v1_dot_adapters__pb2.AnnotateRequest.FromString,
+                    response_serializer=esm__adapters_dot_v1_dot_adapters__pb2.AnnotateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +194,33 @@ class AdapterService:
             '/esm_adapters.v1.AdapterService/Embed',
             esm__adapters_dot_v1_dot_adapters__pb2.EmbedRequest.SerializeToString,
             esm__adapters_dot_v1_dot_adapters__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Annotate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esm_adapters.v1.AdapterService/Annotate',
+            esm__adapters_dot_v1_dot_adapters__pb2.AnnotateRequest.SerializeToString,
+            esm__adapters_dot_v1_dot_adapters__pb2.AnnotateResponse.FromString,
             options,
             channel_credentials,
             insecure,
