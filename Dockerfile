@@ -55,7 +55,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/esm /opt/esm
 COPY --from=build /src /app
 WORKDIR /app
-# Ray's token authentication is on: serving.serve makes a token per start (serving/ray_auth.py);
+# Ray's token authentication is on: serving.serve makes a token per start (modeling/ray_auth.py);
 # on KubeRay the chart's authOptions set RAY_AUTH_MODE and the token from a Secret.
 ENV PATH=/opt/venv/bin:$PATH TORCH_HOME=/opt/esm HF_HOME=/home/esm/.cache/huggingface \
     PYTHONUNBUFFERED=1

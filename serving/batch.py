@@ -13,7 +13,7 @@ the shards records the adapters, the base and the counts.
 The same engine, registry checks and bundle checks as the gRPC service, one Engine per Ray Data
 worker (a callable class). Every adapter is resolved to a fixed version before any work; an
 unknown or refused one fails the job at once. The output appears whole or not at all: it is
-written beside and renamed into place. Ray runs with token authentication (serving/ray_auth.py).
+written beside and renamed into place. Ray runs with token authentication (modeling/ray_auth.py).
 """
 from __future__ import annotations
 
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> dict:
     import ray
 
     from modeling.base import load_base
-    from serving import ray_auth
+    from modeling import ray_auth
 
     started = time.time()
     files = input_files(args.input)
@@ -251,13 +251,9 @@ def run(args: argparse.Namespace) -> dict:
               "device": "cuda" if args.gpus_per_worker else "cpu", "max_device_adapters": max(8, len(args.adapter))}
     refs = resolve_adapters(Path(args.registry), base, args.adapter, engine)
     staging = prepare_output(output, args.overwrite)
-    token = ray_auth.close_control_plane(args.ray_token_file) if not args.address else None
-    if args.address and args.ray_token_file:
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(ray_auth.private_token_file(
-            Path(args.ray_token_file))))
+    token = ray_auth.init_ray(args.address, args.ray_token_file, include_dashboard=False, logging_level=logging.WARNING,
+                              **({} if args.address else {"num_cpus": args.ray_cpus or os.cpu_count()}))
     try:
-        ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING,
-                 **({} if args.address else {"num_cpus": args.ray_cpus or os.cpu_count()}))
         dataset = read_inputs(files, args.sequence_column).map_batches(
             Scorer, batch_format="pandas", batch_size=args.batch_sequences, concurrency=args.workers,
             num_cpus=args.cpus_per_worker, num_gpus=args.gpus_per_worker or None,
@@ -273,8 +269,7 @@ def run(args: argparse.Namespace) -> dict:
         raise
     finally:
         ray.shutdown()
-        if token is not None:
-            token.close()
+        token.close()
     table = pq.read_table(staging, columns=["error", "length"])
     seconds = time.time() - started
     residues = int(table.column("length").drop_null().to_numpy().sum()) if table.num_rows else 0

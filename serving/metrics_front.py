@@ -1,4 +1,4 @@
-"""The service's public Prometheus port. Ray exports metrics on loopback only (serving.ray_auth
+"""The service's public Prometheus port. Ray exports metrics on loopback only (modeling.ray_auth
 puts every Ray port there); this serves GET /metrics on the port the user opened by reading Ray's,
 and answers nothing else."""
 from __future__ import annotations

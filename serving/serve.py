@@ -20,7 +20,7 @@ import yaml
 from serving import tls_front
 from serving.app import SERVICER, ServiceConfig
 from serving.auth import TokenCheck
-from serving import ray_auth
+from modeling import ray_auth
 from serving.metrics_front import MetricsFront
 from serving.ports import free_port, listening
 
@@ -55,7 +55,7 @@ def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, 
           num_gpus: float = 0.0, ray_cpus: int | None = None, http_port: int = 0, token: str | None = None,
           max_ongoing_requests: int | None = None, max_queued_requests: int = 1024, access_log: bool = False,
           metrics_host: str = "0.0.0.0", ray_token_file: str | None = None):
-    """Embedded Ray + Serve, its control plane closed (serving.ray_auth: token authentication, every
+    """Embedded Ray + Serve, its control plane closed (modeling.ray_auth: token authentication, every
     Ray port on loopback); the gRPC port and the metrics port are the service's only open doors.
     Returns the first ListAdapters answer once the app is RUNNING (base loaded, warm) and routable.
     `token` is the gRPC bearer token clients send; `ray_token_file` Ray's own (default: made now)."""

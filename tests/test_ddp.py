@@ -1,4 +1,5 @@
-"""Two-process DDP on CPU (gloo), for real: one bundle is published, and the validation metric that
+"""Two-process DDP on CPU (gloo), for real, launched by Lightning and by Ray Train (2 workers on a
+local, token-authenticated Ray): one bundle is published, and the validation metric that
 checkpointing watched is the metric over the whole validation split (every rank scores a share of
 it; the shares are gathered), equal to the published model's own score on that split."""
 import json
@@ -13,14 +14,19 @@ from training import evaluate
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_two_process_ddp_publishes_once_with_the_whole_split_metric(tmp_path, tiny_base_dir, sec_str_csv):
+LAUNCHERS = {"lightning": ["--devices", "2", "--strategy", "ddp", "trainer.accelerator=cpu"],
+             "ray-train": ["--ray-workers", "2"]}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_process_ddp_publishes_once_with_the_whole_split_metric(tmp_path, tiny_base_dir, sec_str_csv, launcher):
     run = subprocess.run(
         [sys.executable, "-m", "training.fit", "--base", str(tiny_base_dir), "--data-dir", str(sec_str_csv),
          "--registry", str(tmp_path / "reg"), "--run-dir", str(tmp_path / "runs"), "--rank", "2", "--max-steps", "4",
-         "--batch-size", "4", "--devices", "2", "--strategy", "ddp", "trainer.accelerator=cpu"],
+         "--batch-size", "4", *LAUNCHERS[launcher]],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "Starting with 2 processes" in run.stderr + run.stdout
+    assert "Starting with 2 processes" in run.stderr + run.stdout or launcher == "ray-train"
     assert [p.name for p in (tmp_path / "reg" / "sec_str-r2").iterdir()] == ["1"]  # published once
     folder = tmp_path / "reg" / "sec_str-r2" / "1"
     manifest = json.loads((folder / "manifest.json").read_text())

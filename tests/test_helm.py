@@ -369,7 +369,7 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
     from modeling.base import load_base
     from serving import client
     from serving.engine import Engine, EngineConfig
-    from serving import ray_auth
+    from modeling import ray_auth
     from serving.serve import stop, wait_until_routable
     base_dir = tiny_hf_folder(tmp_path / "base")
     registry = tmp_path / "adapters"

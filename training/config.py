@@ -41,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
         "gradient_clip_val": 1.0, "log_every_n_steps": 10, "num_sanity_val_steps": 0,
     },
     "early_stopping": {"enabled": True, "patience": 3},
+    # Train under Ray Train instead of in this process: workers > 0 (a local Ray, or --ray-address)
+    "ray": {"workers": 0, "address": None, "cpus_per_worker": 1, "gpus_per_worker": 0, "token_file": None},
     "model": {
         "restore_encoder_path": None,  # --base: fair-esm .pt, HF folder, model name; None = default
         "encoder_frozen": True,

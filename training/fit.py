@@ -57,10 +57,13 @@ FLAGS = {
     "precision": "trainer.precision", "devices": "trainer.devices", "num_nodes": "trainer.num_nodes",
     "strategy": "trainer.strategy", "accumulate_grad_batches": "trainer.accumulate_grad_batches",
     "val_check_interval": "trainer.val_check_interval",
+    "ray_workers": "ray.workers", "ray_address": "ray.address", "cpus_per_worker": "ray.cpus_per_worker",
+    "gpus_per_worker": "ray.gpus_per_worker", "ray_token_file": "ray.token_file",
 }
 LIST_FLAGS = {"layers", "target_modules"}
 STRING_FLAGS = {"task", "task_file", "kind", "labels", "label_column", "sequence_column", "mask_column", "metric",
-                "split", "name", "registry", "run_dir", "base", "restore_from", "data_dir", "train", "val", "test"}
+                "split", "name", "registry", "run_dir", "base", "restore_from", "data_dir", "train", "val", "test",
+                "ray_address", "ray_token_file"}
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -147,7 +150,8 @@ def resolve_bundle(ref: str, registry: Path) -> bundles.Bundle:
     return bundles.read_bundle(registry / name / str(version or available[-1]))
 
 
-def make_trainer(config: dict, run_dir: Path, task, train_records: list) -> tuple[pl.Trainer, ModelCheckpoint]:
+def make_trainer(config: dict, run_dir: Path, task, train_records: list,
+                 on_ray: bool = False) -> tuple[pl.Trainer, ModelCheckpoint]:
     monitor = f"val/{task.metric}"
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=monitor,
                                  mode=task.metric_mode, save_top_k=1, save_weights_only=True,
@@ -173,15 +177,23 @@ def make_trainer(config: dict, run_dir: Path, task, train_records: list) -> tupl
         # a short run still validates: after its last step, counted over epochs (under DDP a rank
         # sees only its share of an epoch's batches)
         val_every, every_epoch = t["max_steps"] * t["accumulate_grad_batches"], None
+    placement = {"accelerator": t["accelerator"], "devices": t["devices"], "num_nodes": t["num_nodes"],
+                 "strategy": t["strategy"]}
+    if on_ray:  # Ray Train made the process group: its strategy and environment join it
+        from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
+        placement = {"accelerator": "gpu" if config["ray"]["gpus_per_worker"] else "cpu", "devices": "auto",
+                     "strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()]}
     trainer = pl.Trainer(
-        accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"],
-        strategy=t["strategy"], precision=t["precision"], max_steps=t["max_steps"],
+        **placement, precision=t["precision"], max_steps=t["max_steps"],
         max_epochs=t["max_epochs"], accumulate_grad_batches=t["accumulate_grad_batches"],
         val_check_interval=val_every, check_val_every_n_epoch=every_epoch, limit_train_batches=t["limit_train_batches"],
         limit_val_batches=t["limit_val_batches"], gradient_clip_val=t["gradient_clip_val"],
         log_every_n_steps=t["log_every_n_steps"], num_sanity_val_steps=t["num_sanity_val_steps"],
         callbacks=callbacks, logger=loggers, default_root_dir=run_dir,
         use_distributed_sampler=False, enable_model_summary=False)
+    if on_ray:
+        from ray.train.lightning import prepare_trainer
+        trainer = prepare_trainer(trainer)
     return trainer, checkpoint
 
 
@@ -224,7 +236,53 @@ def list_tasks() -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:6], widths)) + "  " + row[6] for row in rows)
 
 
-def run(config: dict) -> dict:
+def train_on_ray(config: dict) -> dict:
+    """The same run under Ray Train: ray.workers Lightning workers (DDP over Ray's process group)
+    on a local Ray or the cluster at ray.address, each with cpus_per_worker / gpus_per_worker.
+    Rank 0 publishes, once; the summary comes back through Ray Train's report."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from modeling import ray_auth
+    r = config["ray"]
+    token = ray_auth.init_ray(r["address"], r["token_file"], include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        gpus = r["gpus_per_worker"]
+        trainer = TorchTrainer(
+            ray_train_loop, train_loop_config={"config": config},
+            scaling_config=ScalingConfig(num_workers=r["workers"], use_gpu=gpus > 0,
+                                         resources_per_worker={"CPU": r["cpus_per_worker"], **({"GPU": gpus} if gpus else {})}),
+            torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+            run_config=RunConfig(name=f"fit-{datetime.now().strftime('%Y%m%d-%H%M%S')}",
+                                 storage_path=str(Path(config["run_dir"]).resolve() / "ray")))
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as folder:
+            return json.loads((Path(folder) / "summary.json").read_text())
+    finally:
+        import ray
+        ray.shutdown()
+        token.close()
+
+
+def ray_train_loop(loop_config: dict) -> None:
+    """One Ray Train worker: the ordinary run, inside Ray's process group. Every rank reports;
+    rank 0's report carries the summary, as a checkpoint (what Ray Train keeps for the driver)."""
+    import tempfile
+
+    import ray.train
+
+    summary = run(loop_config["config"], on_ray=True)
+    if not summary:
+        ray.train.report({})
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "summary.json").write_text(json.dumps(summary))
+        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def run(config: dict, on_ray: bool = False) -> dict:
+    if config["ray"]["workers"] and not on_ray:
+        return train_on_ray(config)
     task = resolve_task(config)
     pl.seed_everything(config["seed"], workers=True, verbose=False)
     registry = Path(config["registry"])
@@ -253,7 +311,7 @@ def run(config: dict) -> dict:
     start = time.time()
     monitored = None
     if config["do_training"]:
-        trainer, checkpoint = make_trainer(config, run_dir, task, data.splits["train"])
+        trainer, checkpoint = make_trainer(config, run_dir, task, data.splits["train"], on_ray)
         trainer.fit(module, datamodule=data)
         if not trainer.is_global_zero:
             return {}

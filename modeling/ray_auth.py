@@ -1,4 +1,6 @@
-"""The embedded Ray's control plane, closed (serving.serve and every entry point that starts Ray).
+"""The embedded Ray's control plane, closed: every entry point that starts or joins Ray uses this
+(serving.serve, serving.batch, training.fit --ray-workers), so it lives with what training and
+serving share.
 
 Anyone who can talk to Ray can run code as the service (Ray's security docs; CVE-2023-48022,
 "ShadowRay"). So a local start:
@@ -105,3 +107,31 @@ def _refresh_ray_process_state() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1") not in ("0", "false")
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+def join_cluster(token_file: str | None = None) -> RayToken:
+    """For a driver joining a running cluster: that cluster's token, from --ray-token-file, or
+    $ESM_ADAPTERS_RAY_TOKEN_FILE, or Ray's own variables (the cluster refuses a driver without it)."""
+    previous = {key: os.environ.get(key) for key in SETTINGS}
+    token_file = token_file or os.environ.get(TOKEN_FILE_ENV)
+    if token_file:
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(private_token_file(Path(token_file)))
+    if token_file or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+    _refresh_ray_process_state()
+    return RayToken("file" if token_file else "environment", previous=previous)
+
+
+def init_ray(address: str | None = None, token_file: str | None = None, **init_kwargs) -> RayToken:
+    """ray.init for every entry point: a new local Ray closed as above, or a running cluster joined
+    with its token. Close the returned token after ray.shutdown()."""
+    import ray
+
+    token = join_cluster(token_file) if address else close_control_plane(token_file)
+    try:
+        ray.init(address=address, **init_kwargs)
+    except BaseException:
+        token.close()
+        raise
+    return token
