@@ -39,6 +39,8 @@ VALUE_SETS = {
     "production-gpu": ["-f", str(ROOT / "helm" / "values" / "production-gpu.yaml")],
     "cpu-kind": ["-f", str(ROOT / "helm" / "values" / "cpu-kind.yaml")],
     "everything-on": ["--set", EVERYTHING_ON],
+    "ray-jobs": ["--set", "batchJob.enabled=true,trainingJob.enabled=true,trainingJob.runAs=RayJob,"
+                          "batchJob.extraArgs={--crop,--embeddings}"],
 }
 
 
@@ -82,10 +84,11 @@ def refuse_unknown_fields(node):
 @lru_cache
 def crd_validators() -> dict[tuple[str, str], jsonschema.Validator]:
     validators = {}
-    crd = yaml.safe_load((ROOT / "tests" / "k8s" / "ray.io_rayservices.yaml").read_text())
-    for version in crd["spec"]["versions"]:
-        schema = refuse_unknown_fields(version["schema"]["openAPIV3Schema"])
-        validators[(f"ray.io/{version['name']}", crd["spec"]["names"]["kind"])] = jsonschema.Draft7Validator(schema)
+    for name in ("ray.io_rayservices.yaml", "ray.io_rayjobs.yaml"):
+        crd = yaml.safe_load((ROOT / "tests" / "k8s" / name).read_text())
+        for version in crd["spec"]["versions"]:
+            schema = refuse_unknown_fields(version["schema"]["openAPIV3Schema"])
+            validators[(f"ray.io/{version['name']}", crd["spec"]["names"]["kind"])] = jsonschema.Draft7Validator(schema)
     from cloudcoil.models.prometheus_operator import v1 as prometheus
     for kind in ("ServiceMonitor", "PodMonitor"):
         schema = refuse_unknown_fields(getattr(prometheus, kind).model_json_schema(by_alias=True))
@@ -115,6 +118,11 @@ def pod_specs(docs: list[dict]) -> dict[str, dict]:
         specs[group["groupName"]] = group["template"]["spec"]
     for job in (d for d in docs if d["kind"] == "Job"):
         specs["job"] = job["spec"]["template"]["spec"]
+    for job in (d for d in docs if d["kind"] == "RayJob"):
+        own = job["spec"]["rayClusterSpec"]
+        specs[f"{job['metadata']['name']}/head"] = own["headGroupSpec"]["template"]["spec"]
+        for group in own["workerGroupSpecs"]:
+            specs[f"{job['metadata']['name']}/{group['groupName']}"] = group["template"]["spec"]
     return specs
 
 
@@ -277,6 +285,8 @@ def test_values_schema_matches_the_code():
     ("trainingJob.task=folding", "task"),
     ("networkPolicy.grpcFrom[0].bogus=1", "bogus"),
     ("rayAuth.existingSecret=Not_A_Name", "existingSecret"),
+    ("batchJob.adapters={../etc}", "adapters"),
+    ("trainingJob.runAs=Pod", "runAs"),
 ])
 def test_wrong_values_fail_at_install(bad, message):
     out = helm("template", "esm", str(CHART), "--set", bad)
@@ -348,6 +358,36 @@ def test_network_policy_off_an_existing_ray_secret_and_ray_auth_off():
     off = render_with("rayAuth.enabled=false")
     assert only(off, "RayService")["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "disabled"}
     assert not [d for d in off if d["kind"] == "Secret"]
+
+
+def test_ray_jobs_run_commands_the_code_accepts_on_their_own_token_authenticated_clusters():
+    import shlex
+
+    from serving import batch
+    from training.fit import parse_args
+    docs = render("ray-jobs")
+    jobs = {d["metadata"]["labels"]["esm-adapters/role"]: d for d in docs if d["kind"] == "RayJob"}
+    assert set(jobs) == {"batch", "training"} and not [d for d in docs if d["kind"] == "Job"]
+    secret = only(docs, "Secret")["metadata"]["name"]
+    selector = only(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]
+    for job in jobs.values():
+        spec = job["spec"]
+        assert spec["submissionMode"] == "HTTPMode" and spec["shutdownAfterJobFinishes"] is True
+        assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": secret}
+        groups = [spec["rayClusterSpec"]["headGroupSpec"]] + spec["rayClusterSpec"]["workerGroupSpecs"]
+        assert all(selector.items() <= g["template"]["metadata"]["labels"].items() for g in groups)  # policed
+        workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+        assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    argv = shlex.split(jobs["batch"]["spec"]["entrypoint"])
+    assert argv[:3] == ["python3", "-m", "serving.batch"]
+    args = batch.parser().parse_args(argv[3:])
+    assert (args.address, args.adapter, args.workers, args.gpus_per_worker, args.crop, args.embeddings) == (
+        "auto", ["sec_str-r16"], 2, 1.0, True, True)
+    argv = shlex.split(jobs["training"]["spec"]["entrypoint"])
+    assert argv[:3] == ["python3", "-m", "training.fit"]
+    config = parse_args(argv[3:])
+    assert config["ray"]["workers"] == 2 and config["ray"]["address"] == "auto" and config["ray"]["gpus_per_worker"] == 1
+    assert jobs["training"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2
 
 
 def test_grafana_dashboard_is_shipped_whole():

@@ -162,3 +162,77 @@ imagePullSecrets:
       key: auth_token
 {{- end }}
 {{- end -}}
+
+{{/* A Ray cluster of its own for a RayJob (batch scoring, training on Ray): a head that runs no
+work and `workers` pods with `gpus` GPUs each, the registry volume read-write, Ray token auth.
+Call with (dict "root" $ "workers" N "gpus" G "resources" R). */}}
+{{- define "esm.rayJobCluster" -}}
+{{- $root := .root -}}
+{{- $resources := deepCopy .resources -}}
+{{- if gt (int .gpus) 0 -}}
+{{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" (int .gpus)) (default dict $resources.limits)) -}}
+{{- end -}}
+rayVersion: {{ $root.Values.rayVersion | quote }}
+authOptions:
+  {{- if $root.Values.rayAuth.enabled }}
+  mode: token
+  secretName: {{ include "esm.rayTokenSecret" $root }}
+  {{- else }}
+  mode: disabled
+  {{- end }}
+headGroupSpec:
+  rayStartParams:
+    num-cpus: "0"
+  template:
+    metadata:
+      labels:
+        {{- include "esm.selectorLabels" $root | nindent 8 }}
+        esm-adapters/role: ray
+    spec:
+      {{- include "esm.podSpecCommon" $root | nindent 6 }}
+      containers:
+        - name: ray-head
+          image: {{ include "esm.image" $root }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          env:
+            {{- include "esm.env" $root | nindent 12 }}
+          resources:
+            {{- toYaml $root.Values.head.resources | nindent 12 }}
+          securityContext:
+            {{- toYaml $root.Values.containerSecurityContext | nindent 12 }}
+          volumeMounts:
+            {{- include "esm.volumeMounts" (dict "Values" $root.Values "readOnlyRegistry" false) | nindent 12 }}
+      volumes:
+        {{- include "esm.volumes" $root | nindent 8 }}
+workerGroupSpecs:
+  - groupName: job
+    replicas: {{ .workers }}
+    minReplicas: {{ .workers }}
+    maxReplicas: {{ .workers }}
+    rayStartParams: {}
+    template:
+      metadata:
+        labels:
+          {{- include "esm.selectorLabels" $root | nindent 10 }}
+          esm-adapters/role: ray
+      spec:
+        {{- include "esm.podSpecCommon" $root | nindent 8 }}
+        containers:
+          - name: ray-worker
+            image: {{ include "esm.image" $root }}
+            imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+            env:
+              {{- include "esm.env" $root | nindent 14 }}
+            resources:
+              {{- toYaml $resources | nindent 14 }}
+            securityContext:
+              {{- toYaml $root.Values.containerSecurityContext | nindent 14 }}
+            volumeMounts:
+              {{- include "esm.volumeMounts" (dict "Values" $root.Values "readOnlyRegistry" false) | nindent 14 }}
+        volumes:
+          {{- include "esm.volumes" $root | nindent 10 }}
+        {{- with $root.Values.workers.tolerations }}
+        tolerations:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+{{- end -}}
