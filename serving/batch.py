@@ -22,6 +22,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -251,8 +252,12 @@ def run(args: argparse.Namespace) -> dict:
               "device": "cuda" if args.gpus_per_worker else "cpu", "max_device_adapters": max(8, len(args.adapter))}
     refs = resolve_adapters(Path(args.registry), base, args.adapter, engine)
     staging = prepare_output(output, args.overwrite)
+    # A local Ray gets a CPU beyond what the workers take: with every CPU held by scoring workers,
+    # Ray Data could not schedule the readers that feed them, and the job would wait forever.
+    local_cpus = args.ray_cpus or max(os.cpu_count(), math.ceil(args.workers * args.cpus_per_worker) + 1)
     token = ray_auth.init_ray(args.address, args.ray_token_file, include_dashboard=False, logging_level=logging.WARNING,
-                              **({} if args.address else {"num_cpus": args.ray_cpus or os.cpu_count()}))
+                              **({} if args.address else {"num_cpus": local_cpus}))
+    ray_ready = time.time()
     try:
         dataset = read_inputs(files, args.sequence_column).map_batches(
             Scorer, batch_format="pandas", batch_size=args.batch_sequences, concurrency=args.workers,
@@ -277,7 +282,7 @@ def run(args: argparse.Namespace) -> dict:
                "failed_rows": table.num_rows - table.column("error").null_count,
                "residues": residues, "residues_per_s": round(residues / seconds, 1),
                "input_files": [str(f) for f in files], "base": base.describe(),
-               "seconds": round(seconds, 1)}
+               "seconds": round(seconds, 1), "setup_seconds": round(ray_ready - started, 1)}  # inputs, base, adapters, Ray
     (staging / MARKER).write_text(json.dumps(summary, indent=2))
     if output.exists():
         shutil.rmtree(output)
@@ -297,7 +302,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-column", default="sequence", help="CSV/TSV/Parquet: where the sequences are")
     p.add_argument("--address", help="join a running Ray cluster (auto, or ray://...) instead of starting one")
     p.add_argument("--ray-token-file", help="Ray's token (default for a local start: one made for this job)")
-    p.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray (default: every core)")
+    p.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray (default: every core, at least one more "
+                   "than the workers take)")
     p.add_argument("--workers", type=int, default=1, help="Ray Data workers, one Engine each")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
