@@ -64,7 +64,7 @@ def input_files(patterns: list[str]) -> list[Path]:
 
 def fasta_rows(row: dict) -> list[dict]:
     """One whole FASTA file (Ray Data's binary reader) -> one row per record."""
-    from training.data import fasta_entries  # the same FASTA reader training uses
+    from modeling.fasta import fasta_entries  # the same FASTA reader training uses
 
     text = row["bytes"].decode()
     return [{"id": header.split()[0] if header.split() else "", "sequence": body, "source": row["path"]}

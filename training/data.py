@@ -15,13 +15,13 @@ import csv
 import io
 import logging
 import random
-import re
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise
+from modeling.fasta import fasta_entries, parse_header
 from modeling.heads import PER_RESIDUE, REGRESSION
 from training import flip
 from training.tasks import Task, with_overrides
@@ -90,25 +90,6 @@ def _check(task: Task, source: str, rid: str, sequence: str, label: str, mask: s
             raise DataError(f"{where}: class {label!r} is not one of {list(task.labels)}")
         value = name
     return Record(rid, seq, value, mask, split, source)
-
-
-def parse_header(header: str) -> tuple[str, dict[str, str]]:
-    rid, _, rest = header.partition(" ")
-    return rid, dict(re.findall(r"(\w+)=(\S+)", rest))
-
-
-def fasta_entries(text: str) -> list[tuple[str, str]]:
-    entries, header, body = [], None, []
-    for line in text.splitlines():
-        if line.startswith(">"):
-            if header is not None:
-                entries.append((header, "".join(body)))
-            header, body = line[1:].strip(), []
-        elif line.strip():
-            body.append(line.strip())
-    if header is not None:
-        entries.append((header, "".join(body)))
-    return entries
 
 
 def read_csv_text(text: str, source: str, task: Task) -> list[Record]:
