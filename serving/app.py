@@ -24,6 +24,7 @@ from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise
 from modeling.base import load_base
 from serving.auth import TokenCheck, Unauthenticated
 from serving.engine import Engine, EngineConfig, Prediction, torch_dtype
+from serving.int8 import check_quantize
 from serving.registry import AdapterNotFound, AdapterRefused, RegistryUnavailable
 
 log = logging.getLogger("serving.app")
@@ -47,6 +48,7 @@ class ServiceConfig:
     merge_top_k: int = 0
     device: str = "auto"
     dtype: str = "float32"  # or bfloat16 / float16: faster, within a stated tolerance (serving/engine.py)
+    quantize: str = "none"  # or int8: a W8A8 shared encoder on CPU replicas (serving/int8.py)
     max_batch_size: int = 64
     # 0: a batch is whatever queued while the previous one ran (continuous batching); a positive
     # wait only adds latency to an idle replica (bench/grpc.py: +5 ms at concurrency 1).
@@ -66,6 +68,7 @@ class ServiceConfig:
         if unknown:
             raise ValueError(f"unknown service options {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
         torch_dtype(args.get("dtype", cls.dtype))  # refused here, before any replica starts
+        check_quantize(args.get("quantize", cls.quantize), args.get("device", cls.device), args.get("dtype", cls.dtype))
         return cls(**args)
 
 
@@ -118,8 +121,8 @@ class AdapterServer:
         self.config = ServiceConfig.from_args(args)
         self.auth = TokenCheck(self.config.auth_token_file)
         device = self.config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "auto":  # int8 is a CPU mode (serving/int8.py): it picks the CPU on a GPU node too
+            device = "cuda" if torch.cuda.is_available() and self.config.quantize == "none" else "cpu"
         # Ray pins OMP threads to num_cpus (1 for 0.5). OpenMP's thread count is per calling
         # thread, so the model runs on one dedicated thread that sets it for itself.
         threads = (self.config.torch_threads or os.cpu_count()) if self.config.torch_threads is not None \
@@ -132,7 +135,7 @@ class AdapterServer:
             max_cpu_adapters=self.config.max_cpu_adapters, max_batch_size=self.config.max_batch_size,
             max_batch_residues=self.config.max_batch_residues, targets=tuple(self.config.targets),
             merged=tuple(self.config.merged), merge_top_k=self.config.merge_top_k, device=device,
-            dtype=self.config.dtype))
+            dtype=self.config.dtype, quantize=self.config.quantize))
         self.metrics = ServiceMetrics()
         self.engine.batch_observers.append(self.metrics.on_batch)
         self.engine.event_observers.append(self.metrics.on_event)

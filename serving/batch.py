@@ -32,6 +32,7 @@ from pathlib import Path
 
 from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise
 from modeling.heads import PER_RESIDUE, REGRESSION
+from serving.int8 import QUANTIZE, check_quantize
 
 log = logging.getLogger("serving.batch")
 FORMATS = {".fasta": "fasta", ".fa": "fasta", ".faa": "fasta", ".csv": "csv", ".tsv": "tsv",
@@ -214,7 +215,11 @@ def resolve_adapters(registry: Path, base, refs: list[str], engine: dict) -> lis
 
     if not refs:
         raise BatchError("give at least one --adapter")
-    engine = Engine(base, registry, EngineConfig(**dict(engine, device="cpu", dtype="float32")))
+    try:  # what the workers will run, refused here where the platform cannot (int8 on a GPU)
+        check_quantize(engine.get("quantize", "none"), engine["device"], engine["dtype"])
+    except ValueError as exc:
+        raise BatchError(str(exc)) from exc
+    engine = Engine(base, registry, EngineConfig(**dict(engine, device="cpu", dtype="float32", quantize="none")))
     resolved = []
     for ref in refs:
         try:
@@ -248,7 +253,7 @@ def run(args: argparse.Namespace) -> dict:
     files = input_files(args.input)
     output = Path(args.output)
     base = load_base(args.base)
-    engine = {"r_max": args.r_max, "max_batch_residues": args.batch_residues, "dtype": args.dtype,
+    engine = {"r_max": args.r_max, "max_batch_residues": args.batch_residues, "dtype": args.dtype, "quantize": args.quantize,
               "device": "cuda" if args.gpus_per_worker else "cpu", "max_device_adapters": max(8, len(args.adapter))}
     refs = resolve_adapters(Path(args.registry), base, args.adapter, engine)
     staging = prepare_output(output, args.overwrite)
@@ -311,6 +316,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-residues", type=int, help="padded residues per forward pass (engine default)")
     p.add_argument("--r-max", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: W8A8 base on CPU workers (serving/int8.py)")
     p.add_argument("--crop", action="store_true", help="crop sequences over 1022 residues instead of failing them")
     p.add_argument("--no-sequence", action="store_true", help="write the sequence's sha256 instead of the sequence")
     p.add_argument("--residue-probabilities", action="store_true", help="per-residue tasks: per-residue probabilities")

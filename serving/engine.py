@@ -24,6 +24,7 @@ from modeling.base import Base
 from modeling.encoder import EsmEncoder
 from modeling.heads import PER_RESIDUE, REGRESSION, HeadSpec, build_head, residues
 from modeling.lora import ATTENTION_TARGETS, PEFT_PREFIX
+from serving.int8 import check_quantize, quantize_linears
 from serving.multilora import SlotContext, wrap_targets
 from serving.registry import AdapterRefused, Registry, RegistryUnavailable
 
@@ -158,6 +159,9 @@ class EngineConfig:
     # accuracy (tests/test_engine.py states the tolerance) for speed: tensor cores on a GPU, bf16
     # instructions on recent CPUs. Adapters stay fp32 on disk and in the CPU tier.
     dtype: str = "float32"
+    # "int8": the shared encoder's linear layers (and merged copies') run W8A8 on the CPU
+    # (serving/int8.py); LoRA terms, heads, norms and attention stay float32. Tolerance: tests.
+    quantize: str = "none"
 
 
 @dataclass
@@ -184,6 +188,7 @@ class Engine:
         self.base = base
         self.device = torch.device(self.config.device)
         self.dtype = torch_dtype(self.config.dtype)
+        check_quantize(self.config.quantize, self.device.type, self.config.dtype)
         if self.config.max_batch_residues is None:
             self.config.max_batch_residues = 512 if self.device.type == "cpu" else 65536
         self.fingerprint = base.fingerprint
@@ -195,6 +200,8 @@ class Engine:
         self.context = SlotContext()
         self.layers = wrap_targets(self.encoder, self.config.targets, self.config.max_device_adapters + 1,
                                    self.config.r_max, self.context)
+        if self.config.quantize == "int8":
+            quantize_linears(self.encoder)  # the wrapped originals too; the LoRA slots stay float32
         if isinstance(registry, Path) or isinstance(registry, str):
             registry = Registry(Path(registry), manifest_checker(base, self.config.r_max, self.config.targets))
         self.registry = registry
@@ -309,7 +316,7 @@ class Engine:
                 a = bundle.adapter[f"{PEFT_PREFIX}{path}.lora_A.weight"]
                 b = bundle.adapter[f"{PEFT_PREFIX}{path}.lora_B.weight"]
                 bias = bundle.adapter.get(f"{PEFT_PREFIX}{path}.lora_B.bias")
-                d_out, d_in = target.base.weight.shape
+                d_out, d_in = target.shape
                 if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
                     raise bundles.BundleError(f"{path}: adapter shapes {tuple(a.shape)}/{tuple(b.shape)} "
                                               f"do not fit the base linear ({d_out}x{d_in})")
@@ -385,6 +392,8 @@ class Engine:
                 linear.weight += adapter.scale * (b @ a).to(self.device)
                 if bias is not None:
                     linear.bias += adapter.scale * bias.to(self.device)
+        if self.config.quantize == "int8":
+            quantize_linears(merged)  # after merging: the copy runs as the shared encoder does
         return merged.to(self.dtype)
 
     def merge(self, ref: str) -> None:

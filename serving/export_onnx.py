@@ -44,6 +44,8 @@ class ExportModel(nn.Module):
 def export(engine, ref: str, out: Path) -> Path:
     import onnx
 
+    if engine.config.quantize != "none":  # torch's quantized kernels do not trace to ONNX
+        raise ValueError(f"export from a float32 engine (this one serves quantize={engine.config.quantize})")
     adapter = engine.load(ref)
     encoder = engine.merged_encoder(adapter).cpu().float()  # the export is fp32 whatever the engine serves
     reset_rotary_caches(encoder)

@@ -32,6 +32,11 @@ class MultiLoraLinear(nn.Module):
         # Only adapters trained with position_embedding_strategy=add carry a bias: allocated on first use.
         self.register_buffer("lora_bias", None)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the wrapped linear, whatever form its weight takes (float or int8)."""
+        return self.lora_b.shape[1], self.lora_a.shape[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         slots = self.context.slots

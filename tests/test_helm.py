@@ -263,6 +263,7 @@ def test_values_schema_matches_the_code():
     from modeling.lora import ALL_TARGETS
     from serving.app import ServiceConfig
     from serving.engine import DTYPES
+    from serving.int8 import QUANTIZE
     from training.tasks import TASKS
     schema = json.loads((CHART / "values.schema.json").read_text())
     service = schema["properties"]["service"]["properties"]
@@ -270,6 +271,7 @@ def test_values_schema_matches_the_code():
     assert set(service) | {"registry", "base", "auth_token_file"} == {f.name for f in fields(ServiceConfig)}
     assert set(service["targets"]["items"]["enum"]) == set(ALL_TARGETS)
     assert set(service["dtype"]["enum"]) == set(DTYPES)
+    assert set(service["quantize"]["enum"]) == set(QUANTIZE)
     assert set(schema["properties"]["trainingJob"]["properties"]["task"]["enum"]) == set(TASKS) | {""}
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(defaults) == set(schema["properties"])
@@ -279,6 +281,8 @@ def test_values_schema_matches_the_code():
     ("service.registery=x", "registery"),
     ("service.max_batch_size=0", "max_batch_size"),
     ("service.dtype=float8", "dtype"),
+    ("service.quantize=int4", "quantize"),
+    ("service.quantize=int8", "CPU replicas"),  # the default values put replicas on GPUs
     ("workers.gpus=-1", "gpus"),
     ("tls.enabled=true", "secretName"),
     ("image.pullPolicy=Sometimes", "pullPolicy"),
@@ -399,8 +403,8 @@ def test_grafana_dashboard_is_shipped_whole():
 
 def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
     """What KubeRay does with serveConfigV2, done for real: `serve deploy` through the Ray
-    dashboard's REST API onto a running cluster, then Predict over gRPC (CPU values file, with
-    service.dtype set, which must reach the replica's engine)."""
+    dashboard's REST API onto a running cluster, then Predict over gRPC (CPU values file, whose
+    service.quantize=int8 must reach the replica's engine)."""
 
     import ray
 
@@ -417,7 +421,7 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
     grpc_port, http_port, dashboard_port = free_port(), free_port(), free_port()
     out = helm("template", "esm", str(CHART), *VALUE_SETS["cpu-kind"], "--set",
                f"registry.mountPath={registry},model.base={base_dir},serve.grpcPort={grpc_port},"
-               f"serve.httpPort={http_port},service.r_max=8,service.dtype=bfloat16")
+               f"serve.httpPort={http_port},service.r_max=8")
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     config = tmp_path / "serve_config.yaml"
@@ -436,11 +440,11 @@ def test_the_charts_serve_config_deploys_on_a_ray_cluster(tmp_path):
         response = client.predict(target, "ss", ["MKTAYIAKQR"], probabilities=True)
         assert response.adapter == "ss@1" and len(response.predictions[0].labels) == 10
         served = [list(p.values) for p in response.predictions[0].residue_probabilities]
-        for dtype, same in (("bfloat16", True), ("float32", False)):
-            engine = Engine(load_base(str(base_dir)), registry, EngineConfig(r_max=8, dtype=dtype))
+        for quantize, same in (("int8", True), ("none", False)):
+            engine = Engine(load_base(str(base_dir)), registry, EngineConfig(r_max=8, quantize=quantize))
             expected = engine.predict([("ss", "MKTAYIAKQR", True)])[0].residue_probabilities
             difference = (torch.tensor(served) - torch.tensor(expected)).abs().max().item()
-            assert (difference < 1e-4) == same, (dtype, difference)
+            assert (difference < 1e-5) == same, (quantize, difference)
     finally:
         stop()
         ray_token.close()
