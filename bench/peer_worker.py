@@ -1,9 +1,10 @@
 """Runs inside esm.cpp's own virtual environment (numpy < 2), started by bench/peer.py: imports
-nothing from this project. Reads {"model", "sequences", "repeats"} as JSON on stdin, prints JSON.
+nothing from this project. Reads {"model", "sequences", "probe", "repeats"} as JSON on stdin,
+prints JSON.
 
 For fp32 and then INT8 (esm.cpp's quantize_weights: per-channel weights, no calibration), the
 residues/s of forward_scheduled (packed, length-bucketed) and forward_batch, best of `repeats` after
-one warm-up pass, plus the final hidden states of the first sequences for the accuracy check."""
+one warm-up pass, plus the final hidden states of the probe sequences for the accuracy check."""
 import json
 import sys
 import time
@@ -35,7 +36,7 @@ def main() -> None:
     tokenizer = esm_cpp.Tokenizer()
     ids = [np.asarray(tokenizer.encode(s), dtype=np.int32) for s in job["sequences"]]
     residues = sum(len(s) for s in job["sequences"])
-    probe = ids[:job.get("probe", 4)]
+    probe = [np.asarray(tokenizer.encode(s), dtype=np.int32) for s in job["probe"]]
     out = {"esm_cpp": esm_cpp.__version__, "isa": esm_cpp.current_isa(), "threads": model.num_threads}
     out["fp32"] = measure(model, ids, residues, job["repeats"])
     out["fp32_hidden"] = [model.forward_with_hidden_states(x)[1][-1].tolist() for x in probe]

@@ -117,6 +117,25 @@ def hf_to_internal(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def internal_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our encoder's keys as Hugging Face EsmForMaskedLM names them (`esm.` prefix, rotary included):
+    the weights in the form other ESM-2 engines load."""
+    module_of = {ours: theirs for theirs, ours in _HF_LAYER_MAP.items()}
+    module_of["self_attn.rot_emb"] = "attention.self.rotary_embeddings"
+    layer_key = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias|inv_freq)$")
+    out = {}
+    for key, value in state.items():
+        if key == "embed_tokens.weight":
+            out["esm.embeddings.word_embeddings.weight"] = value
+        elif key.startswith("emb_layer_norm_after."):
+            out[f"esm.encoder.{key}"] = value
+        elif (m := layer_key.match(key)) and m.group(2) in module_of:
+            out[f"esm.encoder.layer.{m.group(1)}.{module_of[m.group(2)]}.{m.group(3)}"] = value
+        else:
+            raise ValueError(f"no Hugging Face name for {key}")
+    return out
+
+
 def load_hf_folder(folder: Path) -> EsmEncoder:
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") != "esm" or config.get("position_embedding_type") != "rotary":

@@ -139,3 +139,19 @@ def test_half_precision_casts_keep_rotary_positions_exact(tiny_base, dtype):
     inv_freq = tiny_base.encoder.layers[0].self_attn.rot_emb.inv_freq.double()
     expected = torch.cat([positions * inv_freq] * 2, dim=-1).cos()
     assert (cos[0].double() - expected).abs().max() < 1e-3
+
+
+def test_hugging_face_names_written_back_load_as_what_transformers_wrote(tmp_path):
+    """internal_to_hf (bench.peer hands the base to esm.cpp with it) inverts the loader exactly."""
+    from safetensors.torch import load_file
+
+    from modeling.base import hf_to_internal, internal_to_hf
+    folder = tiny_hf_folder(tmp_path / "hf")
+    written = hf_to_internal(load_file(folder / "model.safetensors"))
+    hf = internal_to_hf(load_base(str(folder)).encoder.state_dict())
+    assert all(k.startswith("esm.") for k in hf)
+    assert sum(k.endswith("rotary_embeddings.inv_freq") for k in hf) == TINY.num_layers
+    again = hf_to_internal(hf)
+    assert set(again) == set(written)
+    for key, value in again.items():
+        assert torch.equal(value, written[key]), key

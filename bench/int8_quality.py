@@ -1,0 +1,71 @@
+"""What quantize=int8 costs in quality: each adapter's test split scored through the engine in
+float32 and in int8, with the task's own metric. Prints one JSON object.
+
+  python -m bench.int8_quality --registry adapters --adapter sec_str-r16 --adapter gb1-r16
+
+The test split is the one the adapter's task declares (sec_str: NEW364; gb1: two_vs_rest's test).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from modeling.base import load_base
+from modeling.heads import PER_RESIDUE, REGRESSION
+from serving.engine import Engine, EngineConfig
+from training import metrics
+from training.data import crop, load_splits
+from training.tasks import get_task, task_from_dict
+
+
+def score(task, records, predictions) -> dict:
+    """The task's metrics from the engine's answers (labels, classes or values)."""
+    if task.kind == PER_RESIDUE:
+        index = {label: i for i, label in enumerate(task.labels)}
+        pred, true = [], []
+        for record, p in zip(records, predictions):
+            keep = [m == "1" for m in record.mask] if record.mask else [True] * len(record.sequence)
+            pred += [index[c] for c, k in zip(p.labels, keep) if k]
+            true += [index[c] for c, k in zip(record.label, keep) if k]
+        result = metrics.classification(np.array(pred), np.array(true), task.labels, task.ordered)
+    elif task.kind == REGRESSION:
+        result = metrics.regression(np.array([p.value for p in predictions]),
+                                    np.array([float(r.label) for r in records]))
+    else:
+        result = metrics.classification(np.array([task.labels.index(p.label) for p in predictions]),
+                                        np.array([task.labels.index(r.label) for r in records]),
+                                        task.labels, task.ordered)
+    result.setdefault(task.metric, result.get("accuracy"))
+    return {task.metric: round(result[task.metric], 5)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.int8_quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", type=Path, default=Path("adapters"))
+    parser.add_argument("--adapter", action="append", required=True)
+    parser.add_argument("--base")
+    args = parser.parse_args(argv)
+    engines = {q: Engine(load_base(args.base), args.registry, EngineConfig(quantize=q)) for q in ("none", "int8")}
+    out: dict = {}
+    for name in args.adapter:
+        adapter = engines["none"].load(name)
+        manifest = adapter.manifest
+        task = task_from_dict(manifest["task_spec"], name) if "task_spec" in manifest else get_task(manifest["task"])
+        records, _ = crop(load_splits(task)["test"])
+        row: dict = {"task": task.name, "test_sequences": len(records)}
+        for quantize, engine in engines.items():
+            start = time.perf_counter()
+            predictions = engine.predict([(adapter.ref, r.sequence) for r in records])
+            row[quantize] = {**score(task, records, predictions), "seconds": round(time.perf_counter() - start, 1)}
+        row["int8_minus_float32"] = round(row["int8"][task.metric] - row["none"][task.metric], 5)
+        out[adapter.ref] = row
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

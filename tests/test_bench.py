@@ -1,0 +1,26 @@
+"""bench.peer's failure paths (the benchmark itself is run by hand: minutes, and a timing)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_peer(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.peer", "--sequences", "4", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, **env))
+
+
+def test_peer_that_cannot_be_installed_is_a_clear_error_not_a_traceback(tmp_path):
+    # no index to install from: what a machine without PyPI (or without a wheel for esm.cpp) sees
+    done = run_peer("--peer-venv", str(tmp_path / "venv"), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert "error: could not install esm-cpp==0.2.1" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_interpreter_without_esm_cpp_is_a_clear_error(tmp_path):
+    done = run_peer("--peer-python", sys.executable)  # this project's own: no esm_cpp in it
+    assert done.returncode == 2 and "error: esm.cpp failed" in done.stderr and "No module named 'esm_cpp'" in done.stderr
+    missing = run_peer("--peer-python", str(tmp_path / "python"))
+    assert missing.returncode == 2 and "no such interpreter" in missing.stderr and "Traceback" not in missing.stderr
