@@ -19,7 +19,7 @@ from modeling.heads import PER_RESIDUE, REGRESSION
 from serving.engine import Engine, EngineConfig
 from training import metrics
 from training.data import crop, load_splits
-from training.tasks import get_task, task_from_dict
+from training.tasks import TASKS, get_task, task_from_dict
 
 
 def score(task, records, predictions) -> dict:
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.adapter:
         adapter = engines["none"].load(name)
         manifest = adapter.manifest
-        task = task_from_dict(manifest["task_spec"], name) if "task_spec" in manifest else get_task(manifest["task"])
+        # a built-in task finds its vendored data; a user's task its own declaration
+        task = get_task(manifest["task"]) if manifest["task"] in TASKS else task_from_dict(manifest["task_spec"], name)
         records, _ = crop(load_splits(task)["test"])
         row: dict = {"task": task.name, "test_sequences": len(records)}
         for quantize, engine in engines.items():
