@@ -114,34 +114,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-venv", type=Path, default=Path(".peer-venv"),
                         help="where to create esm.cpp's own virtual environment (default .peer-venv)")
     args = parser.parse_args(argv)
+    try:
+        out = compare(args)
+    except PeerUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+def compare(args: argparse.Namespace) -> dict:
     threads = torch.get_num_threads()
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
                             f"({threads} threads)", "sequences": args.sequences, "rank": args.rank}
+    # the peer's interpreter first: where esm.cpp cannot run, say so before any work
+    python = args.peer_python or peer_python(args.peer_venv)
+    if not Path(python).exists():
+        raise PeerUnavailable(f"--peer-python {python}: no such interpreter")
     base = load_base(args.base)
     out["base"] = base.name
     seqs = sorted(sequences(args.sequences, args.seed), key=len)
     # The accuracy check: a short sequence proves the weights transferred (esm.cpp 0.2.1 gets it right),
     # four lengths across the benchmark's range show what esm.cpp answers on the measured work.
     probe = [SHORT] + seqs[:: max(1, len(seqs) // 4)][:4]
-    try:
-        python = args.peer_python or peer_python(args.peer_venv)
-        if not Path(python).exists():
-            raise PeerUnavailable(f"--peer-python {python}: no such interpreter")
-        with tempfile.TemporaryDirectory() as tmp:
-            model = Path(tmp) / "model.safetensors"
-            write_hf_model(base.encoder, model)
-            peer = run_peer(python, model, seqs, probe, args.repeats, threads)
-    except PeerUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model.safetensors"
+        write_hf_model(base.encoder, model)
+        peer = run_peer(python, model, seqs, probe, args.repeats, threads)
     out["esm_cpp"] = {k: v for k, v in peer.items() if not k.endswith("hidden")}
     with torch.no_grad():  # the same function: esm.cpp's float32 states against our encoder's
         ours = [base.encoder(tokenize([s]))[0] for s in probe]
     differences = [float((torch.tensor(h) - o).abs().max()) for h, o in zip(peer["fp32_hidden"], ours)]
     if not differences[0] <= 1e-3:  # NaN included
-        print(f"error: esm.cpp does not compute our encoder's function on a {len(SHORT)}-residue sequence "
-              f"(max difference {differences[0]}): the weights did not transfer", file=sys.stderr)
-        return 2
+        raise PeerUnavailable(f"esm.cpp does not compute our encoder's function on a {len(SHORT)}-residue "
+                              f"sequence (max difference {differences[0]}): the weights did not transfer")
     out["esm_cpp_fp32_max_abs_diff"] = {len(s): d if d == d else "nan" for s, d in zip(probe, differences)}
     out["esm_cpp_fp32_wrong_probes"] = sum(not d <= 1e-3 for d in differences[1:])  # of len(probe) - 1
 
@@ -179,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "int8_mixed64_over_int8_merged": round(rate("mixed_64_int8") / rate("merged_1_int8"), 3),  # goal >= 0.85
         "int8_over_fp32_mixed64": round(rate("mixed_64_int8") / rate("mixed_64_none"), 3),
     }
-    print(json.dumps(out))
-    return 0
+    return out
 
 
 if __name__ == "__main__":

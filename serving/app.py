@@ -53,7 +53,7 @@ class ServiceConfig:
     # 0: a batch is whatever queued while the previous one ran (continuous batching); a positive
     # wait only adds latency to an idle replica (bench/grpc.py: +5 ms at concurrency 1).
     batch_wait_timeout_s: float = 0.0
-    max_batch_residues: int | None = None  # None = by device (512 on CPU, 65536 on GPU)
+    max_batch_residues: int | None = None  # None = by device (512 on CPU, 2048 int8 on CPU, 65536 on GPU)
     max_sequences_per_request: int = 256
     max_residues_per_request: int = 262144
     registry_poll_s: float = 0.5
