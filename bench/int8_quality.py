@@ -17,29 +17,22 @@ import numpy as np
 from modeling.base import load_base
 from modeling.heads import PER_RESIDUE, REGRESSION
 from serving.engine import Engine, EngineConfig
-from training import metrics
 from training.data import crop, load_splits
+from training.datamodule import TargetScale
+from training.predict import score as training_score
 from training.tasks import TASKS, get_task, task_from_dict
 
 
 def score(task, records, predictions) -> dict:
-    """The task's metrics from the engine's answers (labels, classes or values)."""
-    if task.kind == PER_RESIDUE:
-        index = {label: i for i, label in enumerate(task.labels)}
-        pred, true = [], []
-        for record, p in zip(records, predictions):
-            keep = [m == "1" for m in record.mask] if record.mask else [True] * len(record.sequence)
-            pred += [index[c] for c, k in zip(p.labels, keep) if k]
-            true += [index[c] for c, k in zip(record.label, keep) if k]
-        result = metrics.classification(np.array(pred), np.array(true), task.labels, task.ordered)
-    elif task.kind == REGRESSION:
-        result = metrics.regression(np.array([p.value for p in predictions]),
-                                    np.array([float(r.label) for r in records]))
+    """The task's metrics from the engine's answers, through training's own scoring: each answer
+    as the one-hot (or value) output whose argmax (or value) it is."""
+    if task.kind == REGRESSION:
+        outputs = [np.array([p.value]) for p in predictions]
+    elif task.kind == PER_RESIDUE:
+        outputs = [np.eye(len(task.labels))[[task.labels.index(c) for c in p.labels]] for p in predictions]
     else:
-        result = metrics.classification(np.array([task.labels.index(p.label) for p in predictions]),
-                                        np.array([task.labels.index(r.label) for r in records]),
-                                        task.labels, task.ordered)
-    result.setdefault(task.metric, result.get("accuracy"))
+        outputs = [np.eye(len(task.labels))[task.labels.index(p.label)] for p in predictions]
+    result = training_score(task, records, outputs, TargetScale(0.0, 1.0))  # values are already scaled
     return {task.metric: round(result[task.metric], 5)}
 
 
