@@ -124,6 +124,7 @@ def test_bad_jobs_are_refused_before_any_work(job, tiny_base_dir, tmp_path, caps
     assert "--adapter missing: " in refused("--adapter", "missing", *out)
     assert "--adapter ss@7: " in refused("--adapter", "ss@7", *out)
     assert "give at least one --adapter" in refused(*out)
+    assert "CPU only" in refused("--adapter", "ss", "--quantize", "int8", "--gpus-per-worker", "1", *out)
     assert "base fingerprint mismatch" in refused("--adapter", "ss", "--output", str(tmp_path / "o"))  # default base
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "precious.txt").write_text("keep me")
