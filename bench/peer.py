@@ -50,8 +50,8 @@ def peer_python(venv: Path) -> Path:
     probe = subprocess.run([str(python), "-c", "import esm_cpp"], capture_output=True, text=True)
     if probe.returncode != 0:
         run([str(python), "-m", "pip", "install", "--quiet", *PEER],
-            f"could not install {' '.join(PEER)} into {venv} (esm.cpp ships wheels for x86-64/arm64 "
-            f"Linux and macOS, CPython 3.10-3.12; pass --peer-python to use an interpreter that has it)")
+            f"could not install {' '.join(PEER)} into {venv} (it needs the package index and a wheel or "
+            f"a C++ toolchain for this platform; or pass --peer-python, an interpreter that has it)")
     return python
 
 
