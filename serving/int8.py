@@ -7,7 +7,8 @@ clipped. The int8 x int8 products run in torch's quantized CPU kernels (fbgemm /
 VNNI or AMX where the CPU has them). LoRA terms, heads, layer norms, attention and softmax stay in
 float32, so an adapter trained on the float32 base serves unchanged. One activation scale per
 call means an answer depends slightly on the sequences that share its forward pass (within the
-tolerance tests/test_engine.py states); per-row calls would remove most of that for 21% less throughput.
+tolerance tests/test_engine.py states); per-row calls would remove most of that, for 21% less
+throughput.
 """
 from __future__ import annotations
 
