@@ -93,12 +93,15 @@ def rates(requests: list[tuple[str, str]], seconds: float) -> dict:
     return {"sequences_per_s": round(len(requests) / seconds, 2), "residues_per_s": round(residues / seconds, 1)}
 
 
-def throughput(engine: Engine, requests: list[tuple[str, str]]) -> dict:
+def throughput(engine: Engine, requests: list[tuple[str, str]], repeats: int = 1) -> dict:
+    """Rates of the best of `repeats` timed passes, after a warm-up."""
     engine.predict(requests[:8])  # warm-up
-    start = time.perf_counter()
-    results = engine.predict(requests)
-    seconds = time.perf_counter() - start
-    assert all(not isinstance(r, Exception) for r in results), [r for r in results if isinstance(r, Exception)][:1]
+    seconds = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        results = engine.predict(requests)
+        seconds = min(seconds, time.perf_counter() - start)
+        assert all(not isinstance(r, Exception) for r in results), [r for r in results if isinstance(r, Exception)][:1]
     return rates(requests, seconds)
 
 

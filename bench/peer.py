@@ -21,13 +21,12 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from bench.engine import NaivePeft, publish_random_adapters, rates, sequences
+from bench.engine import NaivePeft, publish_random_adapters, sequences, throughput
 from modeling.alphabet import tokenize
 from modeling.base import internal_to_hf, load_base
 from modeling.encoder import stock_fair_esm
@@ -80,18 +79,6 @@ def run_peer(python: Path, model: Path, seqs: list[str], probe: list[str], repea
     if done.returncode != 0:
         raise PeerUnavailable(f"esm.cpp failed on the benchmark:\n{done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout)
-
-
-def best_rate(engine: Engine, requests: list[tuple[str, str]], repeats: int) -> dict:
-    """The best of `repeats` passes after one warm-up pass (as the peer is measured)."""
-    engine.predict(requests)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        results = engine.predict(requests)
-        best = min(best, time.perf_counter() - start)
-        assert not any(isinstance(r, Exception) for r in results)
-    return rates(requests, best)
 
 
 def relative_error(reference: list, other: list) -> float | str:
@@ -159,9 +146,9 @@ def compare(args: argparse.Namespace) -> dict:
         config = dict(r_max=args.rank, max_device_adapters=64, max_batch_size=64)
         for quantize in ("none", "int8"):
             engine = Engine(load_base(args.base), registry, EngineConfig(**config, quantize=quantize))
-            out[f"mixed_64_{quantize}"] = best_rate(engine, mixed, args.repeats)
+            out[f"mixed_64_{quantize}"] = throughput(engine, mixed, args.repeats)
             merged = Engine(load_base(args.base), registry, EngineConfig(**config, quantize=quantize, merged=(names[0],)))
-            out[f"merged_1_{quantize}"] = best_rate(merged, one, args.repeats)
+            out[f"merged_1_{quantize}"] = throughput(merged, one, args.repeats)
             with torch.no_grad():  # our int8 base's accuracy, measured as esm.cpp's is
                 states = [engine.encoder(tokenize([s]))[0] for s in probe]
             out[f"hidden_relative_error_{quantize}"] = relative_error(ours, states)

@@ -38,6 +38,17 @@ def normalise(sequence: str, where: str = "sequence") -> str:
     return seq
 
 
+def within_limit(seq: str, where: str, crop: bool = False, hint: str | None = None) -> tuple[str, bool]:
+    """(seq cut to MAX_RESIDUES, whether it was cut); a longer sequence without `crop` is an error,
+    `hint` saying how to ask for cropping."""
+    if len(seq) <= MAX_RESIDUES:
+        return seq, False
+    if not crop:
+        raise SequenceError(f"{where}: {len(seq)} residues; the model takes at most {MAX_RESIDUES}"
+                            + (f" ({hint})" if hint else ""))
+    return seq[:MAX_RESIDUES], True
+
+
 def tokenize(sequences: list[str], pad_to: int | None = None) -> torch.Tensor:
     """<cls> seq <eos> <pad>...; sequences must already be normalised."""
     width = max(len(s) for s in sequences) + 2

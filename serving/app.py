@@ -20,7 +20,7 @@ from ray import serve
 
 from esm_adapters.v1 import adapters_pb2 as pb
 from modeling import bundle as bundles
-from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise
+from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise, within_limit
 from modeling.base import load_base
 from serving.auth import TokenCheck, Unauthenticated
 from serving.engine import Engine, EngineConfig, Prediction, torch_dtype
@@ -265,15 +265,12 @@ class AdapterServer:
         sequences, cropped = [], []
         for i, raw in enumerate(request.sequences):
             try:
-                seq = normalise(raw, f"sequence {i}")
+                seq, was_cropped = within_limit(normalise(raw, f"sequence {i}"), f"sequence {i}", request.crop,
+                                                "set crop=true to crop")
             except SequenceError as exc:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-            if len(seq) > MAX_RESIDUES and not request.crop:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"sequence {i}: {len(seq)} residues; the model takes at most "
-                                   f"{MAX_RESIDUES} (set crop=true to crop)")
-            cropped.append(len(seq) > MAX_RESIDUES)
-            sequences.append(seq[:MAX_RESIDUES])
+            cropped.append(was_cropped)
+            sequences.append(seq)
         return sequences, cropped
 
     @staticmethod

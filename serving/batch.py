@@ -30,7 +30,7 @@ import time
 import uuid
 from pathlib import Path
 
-from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise
+from modeling.alphabet import SequenceError, normalise, within_limit
 from modeling.heads import PER_RESIDUE, REGRESSION
 from serving.int8 import QUANTIZE, check_quantize
 
@@ -144,6 +144,7 @@ class Scorer:
         self.adapters = {ref: self.engine.load(ref) for ref in refs}  # fixed versions, verified
         self.crop, self.keep_sequence = crop, keep_sequence
         self.residue_probabilities, self.embeddings = residue_probabilities, embeddings
+        self.schema = output_schema(residue_probabilities, embeddings)
         self.marker = os.environ.get("ESM_ADAPTERS_BATCH_WORKER_FILE")  # tests: which process, how far
         self._mark("ready")
 
@@ -163,16 +164,12 @@ class Scorer:
                     "sequence": str(raw) if self.keep_sequence else None,
                     "sequence_sha256": None if self.keep_sequence else hashlib.sha256(str(raw).encode()).hexdigest()}
             try:
-                seq = normalise(str(raw), f"{source}: {rid}")
-                cropped = len(seq) > MAX_RESIDUES
-                if cropped and not self.crop:
-                    raise SequenceError(f"{source}: {rid}: {len(seq)} residues; the model takes at most "
-                                        f"{MAX_RESIDUES} (--crop crops)")
+                where = f"{source}: {rid}"
+                seq, cropped = within_limit(normalise(str(raw), where), where, self.crop, "--crop crops")
             except SequenceError as exc:
                 rows += [{**base, "adapter": ref, "kind": adapter.kind, "error": str(exc)}
                          for ref, adapter in self.adapters.items()]
                 continue
-            seq = seq[:MAX_RESIDUES]
             base["length"] = len(seq)
             valid.append(seq)
             for ref in self.adapters:
@@ -187,7 +184,7 @@ class Scorer:
                     row["embedding"] = means[row["_row"]]
         for row in rows:
             row.pop("_row", None)
-        return pa.Table.from_pylist(rows, schema=output_schema(self.residue_probabilities, self.embeddings))
+        return pa.Table.from_pylist(rows, schema=self.schema)
 
     def _row(self, owner: dict, result) -> dict:
         adapter = self.adapters[owner["adapter"]]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from modeling import bundle as bundles
-from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise, tokenize
+from modeling.alphabet import SequenceError, normalise, tokenize, within_limit
 from modeling.base import Base
 from modeling.encoder import EsmEncoder
 from modeling.heads import PER_RESIDUE, REGRESSION, HeadSpec, build_head, residues
@@ -440,9 +440,7 @@ class Engine:
         items: list[_Item] = []
         for i, (ref, sequence, *flags) in enumerate(requests):
             try:
-                seq = normalise(sequence, f"sequence {i}")
-                if len(seq) > MAX_RESIDUES:
-                    raise SequenceError(f"sequence {i}: {len(seq)} residues; the model takes at most {MAX_RESIDUES}")
+                seq, _ = within_limit(normalise(sequence, f"sequence {i}"), f"sequence {i}")
                 want = bool(flags[0]) if flags else self.config.return_residue_probabilities
                 items.append(_Item(i, seq, self.load(ref), probabilities=want))
             except (SequenceError, LookupError, RuntimeError, ValueError) as exc:

@@ -12,6 +12,7 @@ throughput.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -31,11 +32,19 @@ def check_quantize(quantize: str, device: str = "cpu", dtype: str = "float32") -
     if dtype != "float32":
         raise ValueError(f"quantize=int8 keeps activations, LoRA terms and heads in float32; dtype {dtype!r} "
                          f"cannot be combined with it")
+    if missing := _kernel_missing():
+        raise ValueError(f"quantize=int8: this CPU/torch build has no INT8 linear kernel "
+                         f"(quantized engines: {torch.backends.quantized.supported_engines}): {missing}")
+
+
+@functools.cache
+def _kernel_missing() -> str | None:
+    """Why a tiny Int8Linear cannot run here, or None (probed once per process: every start checks)."""
     try:
         Int8Linear(nn.Linear(4, 4))(torch.zeros(1, 4))
     except (RuntimeError, AttributeError) as exc:  # no quantized engine / kernels in this torch build
-        raise ValueError(f"quantize=int8: this CPU/torch build has no INT8 linear kernel "
-                         f"(quantized engines: {torch.backends.quantized.supported_engines}): {exc}") from exc
+        return str(exc)
+    return None
 
 
 class Int8Linear(nn.Module):
