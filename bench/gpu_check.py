@@ -377,9 +377,8 @@ def serving(size: str):
 
 
 def slot_bytes(device_engine: Engine) -> int:
-    """What one device slot holds: A and B of every wrapped linear at r_max, in the engine's dtype."""
-    return sum(t.element_size() * t[0].numel() for layer in device_engine.layers.values()
-               for t in (layer.lora_a, layer.lora_b))
+    """What one device slot holds: A, B and bias of every wrapped linear at r_max, in the engine's dtype."""
+    return device_engine.slot_store.slot_bytes
 
 
 def cold_loads(device_engine: Engine, names: list[str]) -> dict:

@@ -24,9 +24,11 @@ from modeling.base import Base
 from modeling.encoder import EsmEncoder
 from modeling.heads import PER_RESIDUE, REGRESSION, HeadSpec, build_head, residues
 from modeling.lora import ATTENTION_TARGETS, PEFT_PREFIX
+from serving.head_batch import run_heads
 from serving.int8 import check_quantize, quantize_linears
-from serving.multilora import SlotContext, wrap_targets
+from serving.multilora import PackedLora, SlotContext, wrap_targets
 from serving.registry import AdapterRefused, Registry, RegistryUnavailable
+from serving.transfer import to_device
 
 
 class NoFreeSlot(RuntimeError):
@@ -67,8 +69,7 @@ class LoadedAdapter:
     """CPU tier: a verified bundle, ready to copy into a device slot."""
     ref: str
     manifest: dict
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # path -> (A, B, bias)
-    scale: float
+    lora: PackedLora | None  # in slot layout (serving/multilora.py); None once copied to a CPU device
     head: nn.Module
     nbytes: int
     folder: Path | None = None
@@ -200,8 +201,8 @@ class Engine:
             torch.backends.cudnn.allow_tf32 = False
         self.encoder = base.encoder.to(self.device, self.dtype).eval()
         self.context = SlotContext()
-        self.layers = wrap_targets(self.encoder, self.config.targets, self.config.max_device_adapters + 1,
-                                   self.config.r_max, self.context)
+        self.layers, self.slot_store = wrap_targets(self.encoder, self.config.targets,
+                                                    self.config.max_device_adapters + 1, self.config.r_max, self.context)
         if self.config.quantize == "int8":
             quantize_linears(self.encoder)  # the wrapped originals too; the LoRA slots stay float32
         if isinstance(registry, Path) or isinstance(registry, str):
@@ -306,7 +307,7 @@ class Engine:
         if reason:
             raise bundles.BundleError(reason)
         manifest = bundle.manifest
-        layers, scale, nbytes = {}, 1.0, 0
+        layers, scale = {}, 1.0
         if manifest["mode"] == "lora":
             config = bundle.adapter_config or {}
             scale = float(config.get("lora_alpha", manifest["lora"]["rank"])) / int(config.get("r", manifest["lora"]["rank"]))
@@ -324,13 +325,15 @@ class Engine:
                                               f"do not fit the base linear ({d_out}x{d_in})")
                 if a.shape[0] > self.config.r_max:
                     raise bundles.BundleError(f"rank {a.shape[0]} exceeds r_max {self.config.r_max}")
-                layers[path] = (a.float(), b.float(), None if bias is None else bias.float())
-                nbytes += sum(t.numel() * 4 for t in (a, b) + ((bias,) if bias is not None else ()))
+                layers[path] = (a, b, bias)
+        # Packed once here, so a device slot fills with one copy; pinned so that copy is asynchronous.
+        lora = self.slot_store.pack(layers, scale, pin=self.device.type == "cuda") if layers else None
+        nbytes = lora.nbytes if lora else 0
         head = build_head(HeadSpec(**manifest["head"]))
         head.load_state_dict(bundle.head)
         head = head.to(self.device, self.dtype).eval()
         nbytes += sum(p.numel() * p.element_size() for p in head.parameters())
-        return LoadedAdapter(ref, manifest, layers, scale, head, nbytes, Path(folder), bool(layers))
+        return LoadedAdapter(ref, manifest, lora, head, nbytes, Path(folder), lora is not None)
 
     def _event(self, event: str, detail: str, seconds: float) -> None:
         for observer in self.event_observers:
@@ -343,22 +346,18 @@ class Engine:
                     "merged": len(self.merged), "onnx": len(self.onnx),
                     "registry": len(self.registry)}
 
-    def _lora_tensors(self, adapter: LoadedAdapter) -> dict:
-        if adapter.layers or not adapter.has_lora:
-            return adapter.layers
-        return self._read(adapter.ref, adapter.folder).layers  # released earlier (CPU device)
+    def _packed(self, adapter: LoadedAdapter) -> PackedLora:
+        if adapter.lora is not None:
+            return adapter.lora
+        return self._read(adapter.ref, adapter.folder).lora  # released earlier (CPU device)
 
     def _to_slot(self, adapter: LoadedAdapter, slot: int) -> None:
-        layers = self._lora_tensors(adapter)
+        packed = self._packed(adapter)
         stream = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else nullcontext()
         with stream:
-            for path, layer in self.layers.items():
-                if path in layers:
-                    a, b, bias = layers[path]
-                    layer.load_slot(slot, a.to(self.device), b.to(self.device), adapter.scale,
-                                    None if bias is None else bias.to(self.device))
-                else:
-                    layer.clear_slot(slot)
+            self.slot_store.load(slot, packed)
+        for path in packed.bias_paths:
+            self.layers[path].use_bias = True
         if self._copy_stream is not None:
             ready = torch.cuda.Event()
             ready.record(self._copy_stream)
@@ -366,7 +365,7 @@ class Engine:
         if self.device.type == "cpu":
             # On a CPU device the slot already lives in host memory: keeping the CPU-tier copy too
             # would double each adapter's footprint. Re-read from disk (~10 ms) if it is evicted.
-            adapter.layers = {}
+            adapter.lora = None
 
     def _on_registry_change(self, added: set[str], removed: set[str]) -> None:
         with self._lock:
@@ -389,11 +388,12 @@ class Engine:
         merged = merged.eval()  # merged in fp32, then cast to the serving dtype
         modules = dict(merged.named_modules())
         with torch.no_grad():
-            for path, (a, b, bias) in self._lora_tensors(adapter).items():
-                linear = modules[path]
-                linear.weight += adapter.scale * (b @ a).to(self.device)
-                if bias is not None:
-                    linear.bias += adapter.scale * bias.to(self.device)
+            if adapter.has_lora:
+                for path, (a, b, bias) in self.slot_store.unpack(self._packed(adapter)).items():
+                    linear = modules[path]
+                    linear.weight += (b @ a).to(self.device)  # the scale is in b already
+                    if bias is not None:
+                        linear.bias += bias.to(self.device)
         if self.config.quantize == "int8":
             quantize_linears(merged)  # after merging: the copy runs as the shared encoder does
         return merged.to(self.dtype)
@@ -525,19 +525,19 @@ class Engine:
             row_of: dict[tuple[str, int], int] = {}
             rows_of_items = [row_of.setdefault((it.sequence, it.slot), len(row_of)) for it in chunk]
             encoded = list(row_of)
-            tokens = tokenize([sequence for sequence, _ in encoded]).to(self.device)
+            tokens = to_device(tokenize([sequence for sequence, _ in encoded]), self.device)
             with self._forward:
                 if slots and self._copy_stream is not None:
                     compute = torch.cuda.current_stream(self.device)
                     for slot in {slot for _, slot in encoded}:
                         if slot in self._slot_ready:
                             compute.wait_event(self._slot_ready[slot])
-                self.context.slots = torch.tensor([slot for _, slot in encoded], device=self.device) if slots else None
+                self.context.slots = to_device(torch.tensor([slot for _, slot in encoded]), self.device) if slots else None
                 try:
                     reps = encoder(tokens)
                 finally:
                     self.context.slots = None
-            lengths = torch.tensor([len(sequence) for sequence, _ in encoded], device=self.device)
+            lengths = to_device(torch.tensor([len(sequence) for sequence, _ in encoded]), self.device)
             reps, mask = residues(reps, lengths)
             self.stats["batches"] += 1
             self.stats["sequences"] += len(chunk)
@@ -545,13 +545,12 @@ class Engine:
             groups: dict[str, list[int]] = {}
             for k, it in enumerate(chunk):
                 groups.setdefault(it.adapter.ref, []).append(k)
-            outputs = []
-            for ref, members in groups.items():  # heads run per adapter group after the shared encoder
-                idx = torch.tensor([rows_of_items[k] for k in members], device=self.device)
-                outputs.append(chunk[members[0]].adapter.head(reps[idx], mask[idx]).float())
+            # Heads of one shape run stacked, whatever the number of adapters (serving/head_batch.py).
+            outputs = run_heads([chunk[members[0]].adapter.head for members in groups.values()],
+                                [[rows_of_items[k] for k in members] for members in groups.values()], reps, mask)
             # One copy to the host for the whole batch: a copy per group waits on the device each time
             # (64 adapters in a batch: 64 round trips).
-            host = torch.cat([out.reshape(-1) for out in outputs]).cpu().split([out.numel() for out in outputs])
+            host = torch.cat([out.reshape(-1) for out in outputs]).float().cpu().split([out.numel() for out in outputs])
             for members, out, flat in zip(groups.values(), outputs, host):
                 flat = flat.view(out.shape)
                 for j, k in enumerate(members):

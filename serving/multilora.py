@@ -1,13 +1,20 @@
-"""Batched multi-LoRA linear layers (Punica's BGMV idea in plain torch).
+"""Batched multi-LoRA linear layers (Punica's BGMV idea in plain torch) over one packed slot store.
 
-Each targeted nn.Linear of the shared base is wrapped; the wrapper holds stacked slot tensors
-  A[slots, r_max, d_in], B[slots, d_out, r_max] (scale folded in), bias[slots, d_out] (if any)
-and reads one slot index per sequence from a shared `SlotContext`. Slot 0 stays all zeros (no
-adapter). The LoRA term is two batched matmuls over the gathered slots, so the number of kernel
-launches per layer is the same whether a batch holds 1 or 64 distinct adapters.
-Inputs are batch-first (B, T, d_in), as the encoder's layers run.
+Each targeted nn.Linear of the shared base is wrapped; the wrapper reads one slot index per sequence
+from a shared `SlotContext` and computes y = base(x) + (x A[slot]^T) Bt[slot] (+ bias[slot]), as two
+batched matmuls over the gathered slots, so the number of kernel launches per layer is the same
+whether a batch holds 1 or 64 distinct adapters. Inputs are batch-first (B, T, d_in).
+
+Every layer's slots live in one tensor, `SlotStore.slab` (slots, slot size); slot 0 stays all zeros
+(no adapter). A slot is laid out so that an adapter of rank r fills a prefix of it:
+  [ bias of every layer | rank row 0 of every layer's A and Bt | rank row 1 ... | up to r_max ]
+so loading an adapter is one host -> device copy of its packed form plus one fill of zeros, whatever
+its rank and however many layers it targets (it was 264 copies and ~800 small kernels per adapter at
+650M, bench/results). B is stored transposed (Bt, r x d_out) and pre-multiplied by the LoRA scale.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,22 +27,32 @@ class SlotContext:
         self.slots: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class PackedLora:
+    """One adapter in slot layout, cut after its own rank: what the CPU tier keeps."""
+    data: torch.Tensor  # 1-D: bias part, then `rank` rows
+    rank: int
+    bias_paths: frozenset[str]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
 class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, num_slots: int, r_max: int, context: SlotContext):
+    def __init__(self, base: nn.Linear, context: SlotContext, lora_a: torch.Tensor, lora_bt: torch.Tensor,
+                 lora_bias: torch.Tensor):
         super().__init__()
         self.base = base
         self.context = context
-        d_out, d_in = base.weight.shape
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.register_buffer("lora_a", torch.zeros(num_slots, r_max, d_in, **kw))
-        self.register_buffer("lora_b", torch.zeros(num_slots, d_out, r_max, **kw))
-        # Only adapters trained with position_embedding_strategy=add carry a bias: allocated on first use.
-        self.register_buffer("lora_bias", None)
+        # Views into the slot store (not buffers: the store owns the memory).
+        self.lora_a, self.lora_bt, self.lora_bias = lora_a, lora_bt, lora_bias  # (S, r, in), (S, r, out), (S, out)
+        self.use_bias = False  # set once an adapter with a bias here is loaded: others add zeros
 
     @property
     def shape(self) -> tuple[int, int]:
         """(d_out, d_in) of the wrapped linear, whatever form its weight takes (float or int8)."""
-        return self.lora_b.shape[1], self.lora_a.shape[2]
+        return self.lora_bt.shape[2], self.lora_a.shape[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -43,42 +60,91 @@ class MultiLoraLinear(nn.Module):
         if slots is None:
             return y
         h = torch.bmm(x, self.lora_a[slots].transpose(1, 2))  # (B, T, r)
-        if self.lora_bias is not None:
+        if self.use_bias:
             y += self.lora_bias[slots].unsqueeze(1)
         # Added into y by the matmul itself: a separate delta and sum cost two more passes over the
         # activations, more than the base matmul at 650M (bench/results, H200 profile).
-        return y.baddbmm_(h, self.lora_b[slots].transpose(1, 2))
+        return y.baddbmm_(h, self.lora_bt[slots])
 
-    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float,
-                  bias: torch.Tensor | None) -> None:
-        """Copy one adapter into `slot`; ranks below r_max are zero-padded."""
-        rank = a.shape[0]
-        self.clear_slot(slot)
-        self.lora_a[slot, :rank].copy_(a, non_blocking=True)
-        self.lora_b[slot, :, :rank].copy_(b * scale, non_blocking=True)
-        if bias is not None:
-            if self.lora_bias is None:
-                zeros = self.lora_a.new_zeros(self.lora_a.shape[0], self.lora_b.shape[1])
-                if zeros.is_cuda:  # zeroed on the copy stream: finish before a batch on another stream reads it
-                    torch.cuda.current_stream(zeros.device).synchronize()
-                self.lora_bias = zeros
-            self.lora_bias[slot].copy_(bias * scale, non_blocking=True)
 
-    def clear_slot(self, slot: int) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        if self.lora_bias is not None:
-            self.lora_bias[slot].zero_()
+class SlotStore:
+    """The device slots of every wrapped linear, in one tensor (layout in the module docstring)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], num_slots: int, r_max: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.r_max = r_max
+        self.shapes = shapes  # path -> (d_out, d_in)
+        self.columns: dict[str, tuple[int, int, int]] = {}  # path -> (A offset, Bt offset, bias offset)
+        row, bias = 0, 0
+        for path, (d_out, d_in) in shapes.items():
+            self.columns[path] = (row, row + d_in, bias)
+            row, bias = row + d_in + d_out, bias + d_out
+        self.row_width, self.bias_width = row, bias
+        self.slab = torch.zeros(num_slots, bias + r_max * row, device=device, dtype=dtype)
+
+    def views(self, path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slot-indexed views of one layer: A (S, r_max, in), Bt (S, r_max, out), bias (S, out)."""
+        (a_at, bt_at, bias_at), (d_out, d_in) = self.columns[path], self.shapes[path]
+        rows = self.slab[:, self.bias_width:].view(len(self.slab), self.r_max, self.row_width)
+        return (rows[:, :, a_at:a_at + d_in], rows[:, :, bt_at:bt_at + d_out],
+                self.slab[:, bias_at:bias_at + d_out])
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.slab[0].numel() * self.slab.element_size()
+
+    def pack(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], scale: float,
+             pin: bool = False) -> PackedLora:
+        """layers: path -> (A (r, in), B (out, r), bias (out) or None), as in the bundle; the scale is
+        folded in here, in float32, before the cast to the slots' dtype."""
+        rank = max(a.shape[0] for a, _, _ in layers.values())
+        data = torch.zeros(self.bias_width + rank * self.row_width, dtype=self.slab.dtype, pin_memory=pin)
+        rows = data[self.bias_width:].view(rank, self.row_width)
+        for path, (a, b, bias) in layers.items():
+            a_at, bt_at, bias_at = self.columns[path]
+            r, d_out = a.shape[0], b.shape[0]
+            rows[:r, a_at:a_at + a.shape[1]] = a
+            rows[:r, bt_at:bt_at + d_out] = (b.float() * scale).t()
+            if bias is not None:
+                data[bias_at:bias_at + d_out] = bias.float() * scale
+        return PackedLora(data, rank, frozenset(p for p, (_, _, bias) in layers.items() if bias is not None))
+
+    def unpack(self, packed: PackedLora) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """path -> (A (r, in), scaled B (out, r), scaled bias or None) in float32: what merging adds."""
+        rows = packed.data[self.bias_width:].view(packed.rank, self.row_width).float()
+        layers = {}
+        for path, (a_at, bt_at, bias_at) in self.columns.items():
+            d_out, d_in = self.shapes[path]
+            a, bt = rows[:, a_at:a_at + d_in], rows[:, bt_at:bt_at + d_out]
+            bias = packed.data[bias_at:bias_at + d_out].float() if path in packed.bias_paths else None
+            if bias is not None or a.any():
+                layers[path] = (a, bt.t(), bias)
+        return layers
+
+    def load(self, slot: int, packed: PackedLora) -> None:
+        """One copy of the adapter's prefix, zeros after it (a lower rank than the slot's last one)."""
+        size = packed.data.numel()
+        self.slab[slot, :size].copy_(packed.data, non_blocking=True)
+        self.slab[slot, size:].zero_()
+
+    def clear(self, slot: int) -> None:
+        self.slab[slot].zero_()
 
 
 def wrap_targets(encoder: nn.Module, targets: tuple[str, ...], num_slots: int, r_max: int,
-                 context: SlotContext) -> dict[str, MultiLoraLinear]:
-    """Replace every targeted Linear of `encoder` in place; returns {module path: wrapper}."""
-    wrapped = {}
+                 context: SlotContext) -> tuple[dict[str, MultiLoraLinear], SlotStore]:
+    """Replace every targeted Linear of `encoder` in place; returns ({module path: wrapper}, store)."""
+    found = {}
     for name, module in list(encoder.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
-                wrapper = MultiLoraLinear(child, num_slots, r_max, context)
-                setattr(module, child_name, wrapper)
-                wrapped[f"{name}.{child_name}" if name else child_name] = wrapper
-    return wrapped
+                found[f"{name}.{child_name}" if name else child_name] = (module, child_name, child)
+    weight = next(iter(found.values()))[2].weight
+    store = SlotStore({path: tuple(child.weight.shape) for path, (_, _, child) in found.items()},
+                      num_slots, r_max, weight.device, weight.dtype)
+    wrapped = {}
+    for path, (module, child_name, child) in found.items():
+        wrapper = MultiLoraLinear(child, context, *store.views(path))
+        setattr(module, child_name, wrapper)
+        wrapped[path] = wrapper
+    return wrapped, store

@@ -115,3 +115,28 @@ def test_exported_adapter_is_read_by_peft_itself(tiny_base, tmp_path, spec):
         resumed = add_lora(copy.deepcopy(base_copy), spec, 2)
         load_adapter_weights(resumed, bundle.adapter, bundle.positions)
         torch.testing.assert_close(resumed(tokens), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_no_input_cast_under_mixed_precision_same_numbers_fewer_kernels(tiny_base):
+    from test_multilora import Ops
+
+    spec = LoraSpec(rank=4, dropout=0.1, targets=["q_proj", "v_proj", "fc1"])
+    model = TaskModel(add_lora(tiny_base.encoder, spec, 2), HeadSpec(PER_RESIDUE, 3, 32))
+    _randomise(model.encoder)
+    tokens = tokenize(SEQS)
+    results = {}
+    for cast in (True, False):  # peft's default, then add_lora's setting
+        for m in lora_modules(model).values():
+            m.cast_input_dtype_enabled = cast
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks
+        with Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+            out, mask = model(tokens)
+            loss = out[mask].float().square().mean()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results[cast] = (loss.detach(), grads, ops.count)
+    (loss_cast, grads_cast, ops_cast), (loss, grads, ops) = results[True], results[False]
+    assert torch.equal(loss, loss_cast)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_cast))
+    assert ops < ops_cast

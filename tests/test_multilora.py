@@ -1,0 +1,88 @@
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from serving.multilora import SlotContext, wrap_targets
+
+
+class Ops(TorchDispatchMode):
+    """Counts the aten operations run inside it that touch data (each a kernel launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Sequential(nn.Linear(5, 7)))
+
+
+def adapter(rank, seed, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path, (d_out, d_in) in {"0": (5, 6), "2.0": (7, 5)}.items():
+        layers[path] = (torch.randn(rank, d_in, generator=g), torch.randn(d_out, rank, generator=g),
+                        torch.randn(d_out, generator=g) if bias else None)
+    return layers
+
+
+def reference(x, layers, scale, seed=0):
+    model = tiny_model(seed)
+    with torch.no_grad():
+        for path, (a, b, bias) in layers.items():
+            linear = model.get_submodule(path)
+            linear.weight += scale * b @ a
+            if bias is not None:
+                linear.bias += scale * bias
+        return model(x)
+
+
+def wrapped(num_slots=3, r_max=8):
+    model, context = tiny_model(), SlotContext()
+    layers, store = wrap_targets(model, ("0", "2.0"), num_slots, r_max, context)
+    return model, context, layers, store
+
+
+def test_a_slot_reused_by_a_lower_rank_adapter_holds_only_that_adapter():
+    model, context, layers, store = wrapped()
+    x = torch.randn(2, 4, 6)
+    high, low = adapter(8, 1, bias=True), adapter(2, 2)
+    store.load(1, store.pack(high, 0.5))
+    for path in store.pack(high, 0.5).bias_paths:
+        layers[path].use_bias = True
+    store.load(1, store.pack(low, 2.0))  # same slot: rows 2..7 and the bias must be gone
+    store.load(2, store.pack(high, 0.5))
+    context.slots = torch.tensor([1, 2])
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out[0], reference(x[:1], low, 2.0)[0])
+    torch.testing.assert_close(out[1], reference(x[1:], high, 0.5)[0])
+    context.slots = torch.tensor([0, 0])  # slot 0: the base alone
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tiny_model()(x))
+
+
+def test_unpack_returns_what_merging_adds():
+    *_, store = wrapped()
+    layers = adapter(3, 5, bias=True)
+    unpacked = store.unpack(store.pack(layers, 0.25))
+    assert set(unpacked) == set(layers)
+    for path, (a, b, bias) in layers.items():
+        got_a, got_b, got_bias = unpacked[path]
+        torch.testing.assert_close(got_b @ got_a, 0.25 * b @ a)
+        torch.testing.assert_close(got_bias, 0.25 * bias)
+    only_first = store.unpack(store.pack({"0": layers["0"]}, 1.0))
+    assert set(only_first) == {"0"}  # an untargeted layer is not merged
+
+
+def test_loading_an_adapter_is_one_copy_whatever_the_number_of_layers():
+    *_, store = wrapped(r_max=8)
+    packed = store.pack(adapter(4, 3, bias=True), 1.0)
+    with Ops() as ops:
+        store.load(1, packed)
+    assert ops.count == 2  # the prefix copy and the zero fill
