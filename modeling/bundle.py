@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from modeling.heads import KINDS
 
@@ -185,17 +185,21 @@ def read_bundle(folder: Path) -> Bundle:
     for fname in manifest["files"]:  # before reading a byte: nothing else is ever deserialised
         if not fname.endswith((".safetensors", ".json")):
             raise BundleError(f"{folder}: {fname} is neither safetensors nor JSON")
+    # Each file is read once: the bytes checked are the bytes parsed (a file swapped after its
+    # checksum cannot slip in), and a 650M adapter is not read from disk twice.
+    contents: dict[str, bytes] = {}
     for fname, digest in manifest["files"].items():
         path = folder / fname
         refuse_symlinks(path)
         if not path.is_file():
             raise BundleError(f"{folder}: file {fname} listed in the manifest is missing")
-        if sha256_file(path) != digest:
+        contents[fname] = path.read_bytes()
+        if hashlib.sha256(contents[fname]).hexdigest() != digest:
             raise BundleError(f"{folder}: checksum mismatch for {fname}")
 
     def tensors(fname: str) -> dict[str, torch.Tensor]:
         try:
-            group = load_file(folder / fname) if fname in manifest["files"] else {}
+            group = load(contents.pop(fname)) if fname in contents else {}
         except Exception as exc:  # safetensors raises its own error types
             raise BundleError(f"{folder}: {fname} is not a valid safetensors file ({exc})") from exc
         for key, tensor in group.items():  # checksums prove integrity, not sanity
@@ -207,7 +211,7 @@ def read_bundle(folder: Path) -> Bundle:
 
     config = None
     if ADAPTER_CONFIG in manifest["files"]:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        config = json.loads(contents.pop(ADAPTER_CONFIG))
     return Bundle(folder, manifest, config, tensors(ADAPTER_WEIGHTS), tensors(HEAD_WEIGHTS),
                   tensors(POSITIONS), tensors(ENCODER_WEIGHTS))
 
