@@ -124,10 +124,10 @@ def add_lora(encoder: nn.Module, spec: LoraSpec, num_layers: int) -> nn.Module:
             first.setdefault(target, m)
         lora_a.weight.requires_grad_(True)
         lora_b.weight.requires_grad_(True)
-        # peft casts each adapter's input to the adapter's float32; under mixed precision autocast
-        # casts it straight back for the matmul: two copies of the activations per layer, forward and
-        # backward, for the same numbers (tests/test_lora.py). Without autocast the dtypes already
-        # agree (32-true, bf16-true), so the cast never does anything here.
+        # peft casts each adapter's input to the adapter's float32; under mixed precision out_proj
+        # and fc2 get bfloat16 inputs, which autocast casts straight back for the matmul: two copies
+        # of the activations per layer, forward and backward, for the same numbers (tests/test_lora.py;
+        # with dropout, masks drawn in bfloat16). Without autocast the dtypes agree (32-true, bf16-true).
         m.cast_input_dtype_enabled = False
         if spec.position_embedding == "add":
             m.lora_position = nn.Parameter(torch.zeros(lora_a.in_features))
