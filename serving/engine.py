@@ -532,11 +532,13 @@ class Engine:
                     for slot in {slot for _, slot in encoded}:
                         if slot in self._slot_ready:
                             compute.wait_event(self._slot_ready[slot])
-                self.context.slots = to_device(torch.tensor([slot for _, slot in encoded]), self.device) if slots else None
+                if slots:
+                    index = to_device(torch.tensor([slot for _, slot in encoded]), self.device)
+                    self.context.rows = self.slot_store.gather(index)
                 try:
                     reps = encoder(tokens)
                 finally:
-                    self.context.slots = None
+                    self.context.rows = None
             lengths = to_device(torch.tensor([len(sequence) for sequence, _ in encoded]), self.device)
             reps, mask = residues(reps, lengths)
             self.stats["batches"] += 1

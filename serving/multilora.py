@@ -1,9 +1,9 @@
 """Batched multi-LoRA linear layers (Punica's BGMV idea in plain torch) over one packed slot store.
 
-Each targeted nn.Linear of the shared base is wrapped; the wrapper reads one slot index per sequence
-from a shared `SlotContext` and computes y = base(x) + (x A[slot]^T) Bt[slot] (+ bias[slot]), as two
-batched matmuls over the gathered slots, so the number of kernel launches per layer is the same
-whether a batch holds 1 or 64 distinct adapters. Inputs are batch-first (B, T, d_in).
+Each targeted nn.Linear of the shared base is wrapped; the wrapper reads its part of each sequence's
+adapter from a shared `SlotContext` (the batch's slots, gathered once per batch) and computes
+y = base(x) + (x A^T) Bt (+ bias) as two batched matmuls, so the number of kernel launches per
+layer is the same whether a batch holds 1 or 64 distinct adapters. Inputs are batch-first (B, T, d_in).
 
 Every layer's slots live in one tensor, `SlotStore.slab` (slots, slot size); slot 0 stays all zeros
 (no adapter). A slot is laid out so that an adapter of rank r fills a prefix of it:
@@ -21,10 +21,12 @@ from torch import nn
 
 
 class SlotContext:
-    """The slot index of every sequence in the batch being run (None = base only)."""
+    """The adapter weights of the batch being run: its sequences' slots gathered from the store, one
+    row per sequence (None = base only). One gather per batch serves every layer: gathering per
+    layer copied the same bytes in 264 launches per batch at 650M."""
 
     def __init__(self):
-        self.slots: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -40,31 +42,29 @@ class PackedLora:
 
 
 class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, context: SlotContext, lora_a: torch.Tensor, lora_bt: torch.Tensor,
-                 lora_bias: torch.Tensor):
+    def __init__(self, base: nn.Linear, context: SlotContext, store: "SlotStore", path: str):
         super().__init__()
         self.base = base
-        self.context = context
-        # Views into the slot store (not buffers: the store owns the memory).
-        self.lora_a, self.lora_bt, self.lora_bias = lora_a, lora_bt, lora_bias  # (S, r, in), (S, r, out), (S, out)
+        self.context, self.store, self.path = context, store, path
         self.use_bias = False  # set once an adapter with a bias here is loaded: others add zeros
 
     @property
     def shape(self) -> tuple[int, int]:
         """(d_out, d_in) of the wrapped linear, whatever form its weight takes (float or int8)."""
-        return self.lora_bt.shape[2], self.lora_a.shape[2]
+        return self.store.shapes[self.path]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        slots = self.context.slots
-        if slots is None:
+        rows = self.context.rows
+        if rows is None:
             return y
-        h = torch.bmm(x, self.lora_a[slots].transpose(1, 2))  # (B, T, r)
+        a, bt, bias = self.store.views(self.path, rows)  # (B, r, in), (B, r, out), (B, out)
+        h = torch.bmm(x, a.transpose(1, 2))  # (B, T, r)
         if self.use_bias:
-            y += self.lora_bias[slots].unsqueeze(1)
+            y += bias.unsqueeze(1)
         # Added into y by the matmul itself: a separate delta and sum cost two more passes over the
         # activations, more than the base matmul at 650M (bench/results, H200 profile).
-        return y.baddbmm_(h, self.lora_bt[slots])
+        return y.baddbmm_(h, bt)
 
 
 class SlotStore:
@@ -82,12 +82,16 @@ class SlotStore:
         self.row_width, self.bias_width = row, bias
         self.slab = torch.zeros(num_slots, bias + r_max * row, device=device, dtype=dtype)
 
-    def views(self, path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Slot-indexed views of one layer: A (S, r_max, in), Bt (S, r_max, out), bias (S, out)."""
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """The slots' rows of the slab, one per sequence: what a batch's SlotContext holds."""
+        return self.slab.index_select(0, slots)
+
+    def views(self, path: str, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer's part of each row of `table` (the slab or gathered rows, (N, slot size)):
+        A (N, r_max, in), Bt (N, r_max, out), bias (N, out); views, nothing copied."""
         (a_at, bt_at, bias_at), (d_out, d_in) = self.columns[path], self.shapes[path]
-        rows = self.slab[:, self.bias_width:].view(len(self.slab), self.r_max, self.row_width)
-        return (rows[:, :, a_at:a_at + d_in], rows[:, :, bt_at:bt_at + d_out],
-                self.slab[:, bias_at:bias_at + d_out])
+        rows = table[:, self.bias_width:].view(len(table), self.r_max, self.row_width)
+        return rows[:, :, a_at:a_at + d_in], rows[:, :, bt_at:bt_at + d_out], table[:, bias_at:bias_at + d_out]
 
     @property
     def slot_bytes(self) -> int:
@@ -151,7 +155,7 @@ def wrap_targets(encoder: nn.Module, targets: tuple[str, ...], num_slots: int, r
                       num_slots, r_max, weight.device, weight.dtype)
     wrapped = {}
     for path, (module, child_name, child) in found.items():
-        wrapper = MultiLoraLinear(child, context, *store.views(path))
+        wrapper = MultiLoraLinear(child, context, store, path)
         setattr(module, child_name, wrapper)
         wrapped[path] = wrapper
     return wrapped, store

@@ -57,12 +57,12 @@ def test_a_slot_reused_by_a_lower_rank_adapter_holds_only_that_adapter():
         layers[path].use_bias = True
     store.load(1, store.pack(low, 2.0))  # same slot: rows 2..7 and the bias must be gone
     store.load(2, store.pack(high, 0.5))
-    context.slots = torch.tensor([1, 2])
+    context.rows = store.gather(torch.tensor([1, 2]))
     with torch.no_grad():
         out = model(x)
     torch.testing.assert_close(out[0], reference(x[:1], low, 2.0)[0])
     torch.testing.assert_close(out[1], reference(x[1:], high, 0.5)[0])
-    context.slots = torch.tensor([0, 0])  # slot 0: the base alone
+    context.rows = store.gather(torch.tensor([0, 0]))  # slot 0: the base alone
     with torch.no_grad():
         torch.testing.assert_close(model(x), tiny_model()(x))
 
