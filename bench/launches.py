@@ -80,18 +80,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=33)
     parser.add_argument("--sequences", type=int, default=256)
+    parser.add_argument("--adapters", type=int, default=64)
     args = parser.parse_args(argv)
     seqs = sequences(args.sequences, seed=0)
     out = {"layers": args.layers, "sequences": args.sequences, "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         registry = Path(tmp) / "adapters"
-        names = publish_random_adapters(narrow_base(args.layers), registry, 64, 16)
+        names = publish_random_adapters(narrow_base(args.layers), registry, args.adapters, 16)
         out["serving_merged_1"] = serving_pass(narrow_base(args.layers), registry, [(names[0], s) for s in seqs],
                                                merged=(names[0],))
         out["serving_unmerged_1"] = serving_pass(narrow_base(args.layers), registry, [(names[0], s) for s in seqs])
-        out["serving_mixed_64"] = serving_pass(narrow_base(args.layers), registry,
-                                               [(names[i % 64], s) for i, s in enumerate(seqs)])
-    out["mixed64_over_merged_launches"] = round(out["serving_mixed_64"] / out["serving_merged_1"], 3)
+        out["serving_mixed"] = serving_pass(narrow_base(args.layers), registry,
+                                            [(names[i % args.adapters], s) for i, s in enumerate(seqs)])
+    out["adapters_mixed"] = args.adapters
+    out["mixed_over_merged_launches"] = round(out["serving_mixed"] / out["serving_merged_1"], 3)
     tokens = real_batches(1, 8, 256)[0]
     for mode in ("lora", "full"):
         out[f"train_step_{mode}"] = training_step(narrow_base(args.layers), mode, tokens)

@@ -24,3 +24,12 @@ def test_interpreter_without_esm_cpp_is_a_clear_error(tmp_path):
     assert done.returncode == 2 and "error: esm.cpp failed" in done.stderr and "No module named 'esm_cpp'" in done.stderr
     missing = run_peer("--peer-python", str(tmp_path / "python"))
     assert missing.returncode == 2 and "no such interpreter" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_launch_count_does_not_grow_with_the_number_of_adapters_in_a_pass():
+    """bench.launches at a tiny depth: a pass over 8 adapters launches what a pass over one does."""
+    from bench.launches import main
+
+    out = main(["--layers", "2", "--sequences", "24", "--adapters", "8"])
+    assert out["serving_mixed"] == out["serving_unmerged_1"] > out["serving_merged_1"] > 0
+    assert out["train_step_lora"] > 0 and out["train_step_full"] > 0
