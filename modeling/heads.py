@@ -29,12 +29,15 @@ class HeadSpec:
         return asdict(self)
 
 
-def residues(representations: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def residues(representations: torch.Tensor, lengths: torch.Tensor,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, E) token representations -> residue part (B, L, E) with padding zeroed, and its mask.
 
     Zeroing padding makes every head's output for a sequence independent of what it is batched with.
+    `width`: the longest length, when the caller knows it (reading it from a GPU tensor makes the
+    host wait for the encoder before it can queue the heads).
     """
-    width = int(lengths.max())
+    width = int(lengths.max()) if width is None else width
     reps = representations[:, 1:width + 1]
     mask = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
     return reps * mask.unsqueeze(-1).to(reps.dtype), mask

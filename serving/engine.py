@@ -539,8 +539,8 @@ class Engine:
                     reps = encoder(tokens)
                 finally:
                     self.context.rows = None
-            lengths = to_device(torch.tensor([len(sequence) for sequence, _ in encoded]), self.device)
-            reps, mask = residues(reps, lengths)
+            lengths = [len(sequence) for sequence, _ in encoded]
+            reps, mask = residues(reps, to_device(torch.tensor(lengths), self.device), max(lengths))
             self.stats["batches"] += 1
             self.stats["sequences"] += len(chunk)
             self.stats["encoded"] += len(encoded)
