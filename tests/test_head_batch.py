@@ -3,6 +3,7 @@ import random
 import pytest
 import torch
 
+from bench.launches import Launches
 from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS, HeadSpec, build_head, residues
 from serving.head_batch import run_heads
 
@@ -31,8 +32,6 @@ def test_stacked_heads_equal_each_head_run_alone(dtype, tol):
 
 
 def test_the_number_of_kernels_does_not_grow_with_the_number_of_adapters():
-    from test_multilora import Ops
-
     lengths = torch.tensor([7, 9, 4, 12] * 8)
     reps, mask = residues(torch.randn(len(lengths), 14, 16), lengths)
     counts = {}
@@ -40,7 +39,7 @@ def test_the_number_of_kernels_does_not_grow_with_the_number_of_adapters():
         for adapters in (2, 32):
             heads = [build_head(HeadSpec(kind, 3, 16)).eval() for _ in range(adapters)]
             rows = [[j % len(lengths)] for j in range(adapters)]
-            with Ops() as ops, torch.no_grad():
+            with Launches() as ops, torch.no_grad():
                 run_heads(heads, rows, reps, mask)
             counts[kind, adapters] = ops.count
         assert counts[kind, 2] == counts[kind, 32]

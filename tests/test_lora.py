@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+from bench.launches import Launches
 from modeling.alphabet import tokenize
 from modeling.bundle import read_bundle, write_bundle
 from modeling.heads import HeadSpec, PER_RESIDUE
@@ -118,8 +119,6 @@ def test_exported_adapter_is_read_by_peft_itself(tiny_base, tmp_path, spec):
 
 
 def test_no_input_cast_under_mixed_precision_same_numbers_fewer_kernels(tiny_base):
-    from test_multilora import Ops
-
     # out_proj and fc2 take bfloat16 inputs under autocast (q_proj a LayerNorm's float32 output).
     # Without dropout: with it, the masks drawn for a bfloat16 input differ from a float32 one's.
     spec = LoraSpec(rank=4, targets=["q_proj", "out_proj", "fc2"])
@@ -132,7 +131,7 @@ def test_no_input_cast_under_mixed_precision_same_numbers_fewer_kernels(tiny_bas
             m.cast_input_dtype_enabled = cast
         model.zero_grad()
         torch.manual_seed(0)  # the head's dropout: the same masks
-        with Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+        with Launches() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
             out, mask = model(tokens)
             loss = out[mask].float().square().mean()
         loss.backward()

@@ -1,20 +1,8 @@
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.launches import Launches
 from serving.multilora import SlotContext, wrap_targets
-
-
-class Ops(TorchDispatchMode):
-    """Counts the aten operations run inside it that touch data (each a kernel launch on a GPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
 
 
 def tiny_model(seed=0):
@@ -83,6 +71,6 @@ def test_unpack_returns_what_merging_adds():
 def test_loading_an_adapter_is_one_copy_whatever_the_number_of_layers():
     *_, store = wrapped(r_max=8)
     packed = store.pack(adapter(4, 3, bias=True), 1.0)
-    with Ops() as ops:
+    with Launches() as ops:
         store.load(1, packed)
     assert ops.count == 2  # the prefix copy and the zero fill
