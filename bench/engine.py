@@ -199,7 +199,7 @@ import gc, json, os, sys
 from pathlib import Path
 from modeling.base import load_base
 from serving.engine import Engine, EngineConfig
-from bench.engine import rss_mb
+from bench.engine import rss_mb, weights_bytes
 registry, names, config, base = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] or None
 base = load_base(base)
 gc.collect()
@@ -211,8 +211,14 @@ for name in names:
     engine.slots.release(adapter.ref)
 gc.collect()
 print(json.dumps({"registered": len(engine.registry.entries()), "delta_mb": rss_mb() - before,
-                  "weights_mb": engine.load(names[0]).nbytes / 2**20}))
+                  "weights_mb": weights_bytes(engine, names[0]) / 2**20}))
 """
+
+
+def weights_bytes(engine: Engine, name: str) -> int:
+    """The adapter's own weights (A, B, bias and head, float32) as its bundle stores them."""
+    folder = engine.registry.resolve(name).folder
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
 def measure_memory(registry: Path, names: list[str], config: dict, base: str | None) -> dict:

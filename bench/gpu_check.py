@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.engine import NaivePeft, cold_load_ms, publish_random_adapters, rates, sequences
+from bench.engine import NaivePeft, cold_load_ms, publish_random_adapters, rates, sequences, weights_bytes
 from bench.train import Stepper, real_batches
 from modeling.base import Base, load_base
 from modeling.encoder import EncoderShape, EsmEncoder, stock_fair_esm
@@ -386,7 +386,7 @@ def cold_loads(device_engine: Engine, names: list[str]) -> dict:
     seen before; and what a slot holds against the adapter's own float32 weights."""
     times = cold_load_ms(device_engine, names)
     per_slot = slot_bytes(device_engine)
-    weights = device_engine.load(names[0]).nbytes
+    weights = weights_bytes(device_engine, names[0])
     return {"adapter_load_ms": round(statistics.median(times), 2), "adapter_load_ms_max": round(max(times), 2),
             "device_slot_mb": round(per_slot / 2**20, 3), "adapter_weights_mb": round(weights / 2**20, 3),
             "device_slot_over_weights": round(per_slot / weights, 3)}
