@@ -138,9 +138,6 @@ class SlotStore:
         self.slab[slot, :size].copy_(packed.data, non_blocking=True)
         self.slab[slot, size:].zero_()
 
-    def clear(self, slot: int) -> None:
-        self.slab[slot].zero_()
-
 
 def wrap_targets(encoder: nn.Module, targets: tuple[str, ...], num_slots: int, r_max: int,
                  context: SlotContext) -> tuple[dict[str, MultiLoraLinear], SlotStore]:
@@ -150,6 +147,8 @@ def wrap_targets(encoder: nn.Module, targets: tuple[str, ...], num_slots: int, r
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
                 found[f"{name}.{child_name}" if name else child_name] = (module, child_name, child)
+    if not found:
+        raise ValueError(f"no Linear layer named any of {list(targets)} in the encoder")
     weight = next(iter(found.values()))[2].weight
     store = SlotStore({path: tuple(child.weight.shape) for path, (_, _, child) in found.items()},
                       num_slots, r_max, weight.device, weight.dtype)
