@@ -35,12 +35,10 @@ from pathlib import Path
 import torch
 
 from bench.engine import NaivePeft, cold_load_ms, publish_random_adapters, rates, sequences, weights_bytes
-from bench.train import Stepper, real_batches
+from bench.train import Stepper, real_batches, stepper_for
 from modeling.base import Base, load_base
 from modeling.encoder import EncoderShape, EsmEncoder, stock_fair_esm
-from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS, HeadSpec
-from modeling.lora import LoraSpec, add_lora
-from modeling.model import TaskModel
+from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
 from serving.engine import Engine, EngineConfig, NoFreeSlot
 
 SHAPE_650M = EncoderShape(num_layers=33, embed_dim=1280, attention_heads=20)
@@ -97,6 +95,20 @@ class Clock:
 
 
 # ---- bases, adapters, comparisons ----------------------------------------------------------------
+def random_base(shape: EncoderShape, seed: int, device: str = "cpu") -> Base:
+    """A base of `shape` with random weights, built on `device` (speed does not depend on values)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        encoder = EsmEncoder(shape).eval().requires_grad_(False)
+    return random_named(encoder, shape, seed)
+
+
+def random_named(encoder: EsmEncoder, shape: EncoderShape, seed: int) -> Base:
+    # Random weights: a name for the fingerprint instead of hashing 2.6 GB on every copy.
+    fingerprint = hashlib.sha256(f"random {shape} seed {seed}".encode()).hexdigest()
+    return Base(encoder, f"random {shape.num_layers}x{shape.embed_dim}", "random", fingerprint)
+
+
 class Bases:
     """Fresh copies of the two bases on any device (an Engine moves and wraps the base it is given)."""
 
@@ -108,28 +120,16 @@ class Bases:
         if size == "8M":
             if self.plan.small is None:
                 return load_base(self.base_spec)
-            return self._random(self.plan.small, 0, device)
-        return self._wrap(copy.deepcopy(self.peek(size).encoder).to(device), self.plan.large, 1)
+            return random_base(self.plan.small, 0, device)
+        return random_named(copy.deepcopy(self.peek(size).encoder).to(device), self.plan.large, 1)
 
     def peek(self, size: str) -> Base:
         """The base itself, not a copy: for reading its shape and fingerprint only."""
         if size == "8M":
             return self.get(size, "cpu")
         if self._large is None:  # built once on the device, copied for each engine
-            self._large = self._random(self.plan.large, 1, self.plan.device).encoder
-        return self._wrap(self._large, self.plan.large, 1)
-
-    def _random(self, shape: EncoderShape, seed: int, device: str) -> Base:
-        torch.manual_seed(seed)
-        with torch.device(device):
-            encoder = EsmEncoder(shape).eval().requires_grad_(False)
-        return self._wrap(encoder, shape, seed)
-
-    @staticmethod
-    def _wrap(encoder: EsmEncoder, shape: EncoderShape, seed: int) -> Base:
-        # Random weights: a name for the fingerprint instead of hashing 2.6 GB on every copy.
-        fingerprint = hashlib.sha256(f"random {shape} seed {seed}".encode()).hexdigest()
-        return Base(encoder, f"random {shape.num_layers}x{shape.embed_dim}", "random", fingerprint)
+            self._large = random_base(self.plan.large, 1, self.plan.device).encoder
+        return random_named(self._large, self.plan.large, 1)
 
     def release(self) -> None:
         self._large = None
@@ -411,14 +411,7 @@ def train_model(plan: Plan, bases: Bases, mode: str) -> Stepper:
     """A fresh 650M-shaped task model for `mode` (lora r16 or full), bf16 mixed precision."""
     bases.release()
     free(plan.device)
-    encoder = bases.get("650M", plan.device).encoder
-    if mode == "lora":
-        add_lora(encoder, LoraSpec(rank=plan.train["rank"]), encoder.shape.num_layers)
-    else:
-        encoder.requires_grad_(True)
-    torch.manual_seed(0)
-    return Stepper(TaskModel(encoder, HeadSpec(PER_RESIDUE, 3, encoder.embed_dim)).to(plan.device),
-                   autocast=torch.bfloat16)
+    return stepper_for(bases.get("650M", plan.device).encoder, mode, plan.train["rank"], autocast=torch.bfloat16)
 
 
 def training(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:

@@ -13,7 +13,6 @@ part counts the real launches.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -22,12 +21,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.engine import publish_random_adapters, sequences
-from bench.train import Stepper, real_batches
+from bench.gpu_check import random_base
+from bench.train import real_batches, stepper_for
 from modeling.base import Base
-from modeling.encoder import EncoderShape, EsmEncoder
-from modeling.heads import PER_RESIDUE, HeadSpec
-from modeling.lora import LoraSpec, add_lora
-from modeling.model import TaskModel
+from modeling.encoder import EncoderShape
 from serving.engine import Engine, EngineConfig
 
 
@@ -47,10 +44,7 @@ class Launches(TorchDispatchMode):
 
 
 def narrow_base(layers: int) -> Base:
-    shape = EncoderShape(num_layers=layers, embed_dim=80, attention_heads=20)
-    torch.manual_seed(0)
-    encoder = EsmEncoder(shape).eval().requires_grad_(False)
-    return Base(encoder, f"narrow {layers} layers", "random", hashlib.sha256(str(shape).encode()).hexdigest())
+    return random_base(EncoderShape(num_layers=layers, embed_dim=80, attention_heads=20), seed=0)
 
 
 def serving_pass(base: Base, registry: Path, requests: list[tuple[str, str]], merged: tuple[str, ...] = ()) -> int:
@@ -62,14 +56,8 @@ def serving_pass(base: Base, registry: Path, requests: list[tuple[str, str]], me
 
 
 def training_step(base: Base, mode: str, tokens: torch.Tensor) -> int:
-    encoder = base.encoder
-    if mode == "lora":
-        add_lora(encoder, LoraSpec(rank=16), encoder.shape.num_layers)
-    else:
-        encoder.requires_grad_(True)
-    stepper = Stepper(TaskModel(encoder, HeadSpec(PER_RESIDUE, 3, encoder.embed_dim)), autocast=torch.bfloat16)
     # AdamW as it runs on a GPU: torch picks the multi-tensor (foreach) form there, a loop on the CPU.
-    stepper.optimizer = torch.optim.AdamW(stepper.optimizer.param_groups[0]["params"], lr=1e-4, foreach=True)
+    stepper = stepper_for(base.encoder, mode, 16, autocast=torch.bfloat16, foreach=True)
     stepper.step(tokens)  # warm: the optimiser's state
     with Launches() as launches:
         stepper.step(tokens)

@@ -14,6 +14,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from modeling.alphabet import tokenize
 from modeling.base import load_base
@@ -35,11 +36,12 @@ class Stepper:
     """One optimiser step at a time, so modes can be timed interleaved (fair under noise).
     `autocast`: the mixed-precision dtype (Lightning's bf16-mixed: float32 weights, bf16 compute)."""
 
-    def __init__(self, model: TaskModel, autocast: torch.dtype | None = None):
+    def __init__(self, model: TaskModel, autocast: torch.dtype | None = None, foreach: bool | None = None):
         self.model = model.train()
         self.device = next(model.parameters()).device
         self.autocast = autocast
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                           foreach=foreach)
 
     def step(self, tokens: torch.Tensor) -> float:
         start = time.perf_counter()
@@ -54,6 +56,19 @@ class Stepper:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+
+def stepper_for(encoder: nn.Module, mode: str, rank: int, autocast: torch.dtype | None = None,
+                foreach: bool | None = None) -> Stepper:
+    """A fresh per-residue task model on `encoder` (modified in place), trained as `mode`: lora
+    (rank `rank`), frozen (the head alone) or full."""
+    if mode == "lora":
+        add_lora(encoder, LoraSpec(rank=rank), encoder.shape.num_layers)
+    elif mode == "full":
+        encoder.requires_grad_(True)
+    torch.manual_seed(0)
+    model = TaskModel(encoder, HeadSpec(PER_RESIDUE, 3, encoder.embed_dim)).to(next(encoder.parameters()).device)
+    return Stepper(model, autocast, foreach)
 
 
 def main() -> None:
@@ -71,13 +86,7 @@ def main() -> None:
     steppers = {}
     for mode in ("lora", "frozen", "full"):
         base = load_base(args.base)
-        encoder = base.encoder
-        if mode == "lora":
-            add_lora(encoder, LoraSpec(rank=args.rank), encoder.shape.num_layers)
-        elif mode == "full":
-            encoder.requires_grad_(True)
-        torch.manual_seed(0)
-        steppers[mode] = Stepper(TaskModel(encoder, HeadSpec(PER_RESIDUE, 3, encoder.embed_dim)))
+        steppers[mode] = stepper_for(base.encoder, mode, args.rank)
         steppers[mode].step(batches[0])  # warm-up
     times = {mode: [] for mode in steppers}
     for tokens in batches[1:]:  # interleaved: every mode sees the same batches under the same load

@@ -36,7 +36,7 @@ class EsmLayer(TransformerLayer):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """mask: (B, 1, 1, T), added to the attention scores: 0, or the dtype's minimum on padding keys.
-        rotary: (cos, signed sin) from EsmEncoder.rotary_tables, in x's dtype."""
+        rotary: (cos, signed sin) from EsmEncoder.rotary_tables, in the dtype q and k will have."""
         x = x + self._attention(self.self_attn_layer_norm(x), mask, rotary)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))  # exact (erf) GELU, as fair-esm
 
@@ -44,10 +44,9 @@ class EsmLayer(TransformerLayer):
         attn = self.self_attn
         batch, length, dim = x.shape
         heads = (batch, length, attn.num_heads, attn.head_dim)
-        q, k = attn.q_proj(x).view(heads), attn.k_proj(x).view(heads)  # (B, T, H, D)
-        cos, sin = (table.to(q.dtype) for table in rotary)  # no-op unless autocast gave q a lower precision
-        # Rotated in the projections' own layout, then viewed as (B, H, T, D).
-        q, k = rotate(q, cos, sin).transpose(1, 2), rotate(k, cos, sin).transpose(1, 2)
+        # Rotated in the projections' own (B, T, H, D) layout, then viewed as (B, H, T, D).
+        q = rotate(attn.q_proj(x).view(heads), *rotary).transpose(1, 2)
+        k = rotate(attn.k_proj(x).view(heads), *rotary).transpose(1, 2)
         v = attn.v_proj(x).view(heads).transpose(1, 2)
         if mask.dtype != q.dtype:  # under autocast: fused CUDA kernels take a mask of q's dtype only
             mask = mask.to(q.dtype)
@@ -100,7 +99,11 @@ class EsmEncoder(nn.Module):
         # Additive, finite: a boolean mask exports to ONNX as Where + IsNaN guards over every score.
         mask = padding_mask[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
         cos, sin = self.rotary_tables(tokens.shape[1], tokens.device)
-        rotary = (cos.to(x.dtype), sin.to(x.dtype))
+        # Cast once for every layer, to what the projections return: autocast's type under mixed
+        # precision (x stays float32 there), else the activations'.
+        device = tokens.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        rotary = (cos.to(dtype), sin.to(dtype))
         for layer in self.layers:
             x = layer(x, mask, rotary)
         return self.emb_layer_norm_after(x)

@@ -20,7 +20,7 @@ from ray import serve
 
 from esm_adapters.v1 import adapters_pb2 as pb
 from modeling import bundle as bundles
-from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise, within_limit
+from modeling.alphabet import SequenceError, normalise, within_limit
 from modeling.base import load_base
 from serving.auth import TokenCheck, Unauthenticated
 from serving.engine import Engine, EngineConfig, Prediction, torch_dtype
@@ -316,10 +316,6 @@ class AdapterServer:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no sequences in the request")
             if len(request.sequences) > self.config.max_sequences_per_request:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many sequences")
-            for i, seq in enumerate(request.sequences):
-                if len(seq) > MAX_RESIDUES:
-                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"sequence {i}: longer than {MAX_RESIDUES} residues")
             loop = asyncio.get_running_loop()
             reps = await loop.run_in_executor(self._model_thread, self.engine.embed, list(request.sequences))
         except Exception as exc:

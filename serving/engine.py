@@ -570,7 +570,7 @@ class Engine:
     @torch.no_grad()
     def embed(self, sequences: list[str]) -> list[torch.Tensor]:
         """Final-layer residue representations (length x dim) from the bare base."""
-        seqs = [normalise(s, f"sequence {i}") for i, s in enumerate(sequences)]
+        seqs = [within_limit(normalise(s, f"sequence {i}"), f"sequence {i}")[0] for i, s in enumerate(sequences)]
         out: list[torch.Tensor | None] = [None] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         for start in range(0, len(order), self.config.max_batch_size):
