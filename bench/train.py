@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling.alphabet import tokenize
 from modeling.base import load_base
@@ -32,34 +33,112 @@ def real_batches(n: int, batch: int, length: int, seed: int = 0) -> list[torch.T
     return [tokenize([rng.choice(records).sequence[:length] for _ in range(batch)]) for _ in range(n)]
 
 
+class HostSyncs(TorchDispatchMode):
+    """Records the aten operations that, on a GPU, make the host wait for the device: a value read
+    back (.item(), int(), bool()) or an output whose size depends on the data (nonzero, boolean
+    indexing). One of them in a step forbids capturing it as a CUDA graph."""
+
+    WAITS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero",
+             "aten.equal", "aten._unique", "aten.unique", "aten.repeat_interleave")
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        boolean_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))
+        if name.startswith(self.WAITS) or boolean_index:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 class Stepper:
     """One optimiser step at a time, so modes can be timed interleaved (fair under noise).
     `autocast`: the mixed-precision dtype (Lightning's bf16-mixed: float32 weights, bf16 compute)."""
 
-    def __init__(self, model: TaskModel, autocast: torch.dtype | None = None, foreach: bool | None = None):
+    def __init__(self, model: TaskModel, autocast: torch.dtype | None = None, foreach: bool | None = None,
+                 lr: float = 1e-4, capturable: bool = False):
         self.model = model.train()
         self.device = next(model.parameters()).device
         self.autocast = autocast
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                           foreach=foreach)
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                           foreach=foreach, capturable=capturable)
+        self.loss: torch.Tensor | None = None  # the last step's, before its update
+
+    def backward(self, tokens: torch.Tensor, autocast_cache: bool = True) -> torch.Tensor:
+        """Forward, loss and backward with nothing that makes the host wait for the device (no
+        .item(), no boolean indexing), so a CUDA graph can capture them. Gradients must be None or
+        zero before. Returns the loss."""
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None,
+                            cache_enabled=autocast_cache):
+            out, mask = self.model(tokens)
+        losses = F.cross_entropy(out.float().transpose(1, 2), torch.zeros_like(mask, dtype=torch.long),
+                                 reduction="none")
+        loss = (losses * mask).sum() / mask.sum()  # the mean over real residues
+        loss.backward()
+        return loss.detach()
+
+    def train(self, tokens: torch.Tensor, autocast_cache: bool = True) -> torch.Tensor:
+        """One whole step (AdamW with capturable=True keeps its step counts on the device too)."""
+        loss = self.backward(tokens, autocast_cache)
+        self.optimizer.step()
+        return loss
 
     def step(self, tokens: torch.Tensor) -> float:
         start = time.perf_counter()
-        tokens = tokens.to(self.device)
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            out, mask = self.model(tokens)
-        target = torch.zeros(int(mask.sum()), dtype=torch.long, device=self.device)
-        loss = F.cross_entropy(out[mask].float(), target)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss = self.train(tokens.to(self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
 
-def stepper_for(encoder: nn.Module, mode: str, rank: int, autocast: torch.dtype | None = None,
-                foreach: bool | None = None) -> Stepper:
+class GraphedStepper(Stepper):
+    """The same step captured once as a CUDA graph and replayed: the host queues one graph instead of
+    thousands of kernels (eager steps at the 650M shape were host-bound on an H200). CUDA only; every
+    batch must have the example's shape. The warm-up that capture needs leaves no trace (weights and
+    optimiser state are put back), so the first replay is the first eager step."""
+
+    def __init__(self, model: TaskModel, example: torch.Tensor, autocast: torch.dtype | None = None,
+                 lr: float = 1e-4, warmup: int = 3):
+        super().__init__(model, autocast, foreach=True, lr=lr, capturable=True)
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
+        self.tokens = example.to(self.device).clone()  # the captured input: batches are copied in
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        initial = [p.detach().clone() for p in trainable]
+        side = torch.cuda.Stream(self.device)  # warm-up off the default stream, as capture requires
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.train(self.tokens, autocast_cache=False)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # backward in the graph writes fresh gradients
+        with torch.cuda.graph(self.graph):
+            self.captured_loss = self.train(self.tokens, autocast_cache=False)
+        with torch.no_grad():
+            for param, value in zip(trainable, initial):
+                param.copy_(value)
+            for state in self.optimizer.state.values():  # step counts and moments, in place
+                for value in state.values():
+                    value.zero_()
+
+    def step(self, tokens: torch.Tensor) -> float:
+        if tokens.shape != self.tokens.shape:
+            raise ValueError(f"a graphed step takes batches of shape {tuple(self.tokens.shape)}, not {tuple(tokens.shape)}")
+        start = time.perf_counter()
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        torch.cuda.synchronize(self.device)
+        self.loss = self.captured_loss.clone()
+        return time.perf_counter() - start
+
+
+def task_model_for(encoder: nn.Module, mode: str, rank: int) -> TaskModel:
     """A fresh per-residue task model on `encoder` (modified in place), trained as `mode`: lora
     (rank `rank`), frozen (the head alone) or full."""
     if mode == "lora":
@@ -67,8 +146,12 @@ def stepper_for(encoder: nn.Module, mode: str, rank: int, autocast: torch.dtype 
     elif mode == "full":
         encoder.requires_grad_(True)
     torch.manual_seed(0)
-    model = TaskModel(encoder, HeadSpec(PER_RESIDUE, 3, encoder.embed_dim)).to(next(encoder.parameters()).device)
-    return Stepper(model, autocast, foreach)
+    return TaskModel(encoder, HeadSpec(PER_RESIDUE, 3, encoder.embed_dim)).to(next(encoder.parameters()).device)
+
+
+def stepper_for(encoder: nn.Module, mode: str, rank: int, autocast: torch.dtype | None = None,
+                foreach: bool | None = None) -> Stepper:
+    return Stepper(task_model_for(encoder, mode, rank), autocast, foreach)
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ class TaskModel(nn.Module):
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (outputs, residue mask). Per-residue outputs are (B, L, C), others (B, C)."""
         lengths = tokens.ne(PAD).sum(-1) - 2
-        reps, mask = residues(self.encoder(tokens), lengths)
+        # Width from the shape, not from `lengths` (reading that makes the host wait for the device).
+        reps, mask = residues(self.encoder(tokens), lengths, width=tokens.shape[1] - 2)
         return self.head(reps, mask), mask
 
 

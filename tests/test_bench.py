@@ -33,3 +33,26 @@ def test_launch_count_does_not_grow_with_the_number_of_adapters_in_a_pass():
     out = main(["--layers", "2", "--sequences", "24", "--adapters", "8"])
     assert out["serving_mixed"] == out["serving_unmerged_1"] > out["serving_merged_1"] > 0
     assert out["train_step_lora"] > 0 and out["train_step_full"] > 0
+
+
+def test_a_training_step_never_makes_the_host_wait_so_a_cuda_graph_can_capture_it():
+    """bench.train's step (what GraphedStepper captures on a GPU), lora and full: no value read back,
+    no data-dependent shape. The detector is checked on the two waits the step used to have."""
+    import torch
+
+    from bench.gpu_check import random_base
+    from bench.train import HostSyncs, real_batches, stepper_for
+    from modeling.encoder import EncoderShape
+    from modeling.heads import residues
+
+    tokens = real_batches(1, 2, 24)[0]
+    for mode in ("lora", "full"):
+        stepper = stepper_for(random_base(EncoderShape(2, 32, 4), 0).encoder, mode, 4, autocast=torch.bfloat16)
+        with HostSyncs() as syncs:
+            stepper.backward(tokens)
+        assert syncs.found == [], mode
+    with HostSyncs() as syncs:
+        out, mask = stepper.model(tokens)
+        out[mask]  # the old loss's selection of real residues
+        residues(stepper.model.encoder(tokens), mask.sum(-1))  # the width read back from the lengths
+    assert syncs.found == ["aten.index.Tensor", "aten._local_scalar_dense.default"]

@@ -29,6 +29,9 @@ def test_smoke_runs_every_part_and_passes(tmp_path):
         assert {"merged_1", "mixed_8", "mixed_10", "naive_peft_8", "adapter_load_ms"} <= set(served)
     assert report["parts"]["training"]["lora_trainable_parameters"] < report["parts"]["training"][
         "full_trainable_parameters"]
+    graphed = report["parts"]["training_graphed"]
+    assert graphed["lora_host_syncs"] == graphed["full_host_syncs"] == 0
+    assert graphed["graphs"].startswith("not run")  # a CPU: said, not passed off as measured
 
 
 def test_a_part_out_of_time_is_reported_incomplete_never_as_a_pass():
