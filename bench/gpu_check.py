@@ -36,10 +36,12 @@ import torch
 
 from bench.engine import NaivePeft, cold_load_ms, publish_random_adapters, rates, sequences, weights_bytes
 from bench.train import GraphedStepper, HostSyncs, Stepper, real_batches, stepper_for, task_model_for
-from modeling.base import Base, load_base
+from modeling.base import Base, load_base, save_hf_folder
 from modeling.encoder import EncoderShape, EsmEncoder, stock_fair_esm
 from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
 from serving.engine import Engine, EngineConfig, NoFreeSlot
+from training.data import load_splits
+from training.tasks import TASKS
 
 SHAPE_650M = EncoderShape(num_layers=33, embed_dim=1280, attention_heads=20)
 # Stated tolerances against the float32 CPU engine: probabilities absolute, regression values
@@ -67,9 +69,12 @@ class Plan:
     dtypes: tuple[str, ...] = ("float32", "bfloat16")  # serving throughput
     reps: int = 3
     train: dict = field(default_factory=lambda: {"batch": 8, "length": 256, "steps": 5, "rank": 16})
+    # training.fit end to end on the small base: real sec_str sequences of up to max_residues
+    fit: dict = field(default_factory=lambda: {"train": 256, "eval": 64, "max_residues": 300, "steps": 40,
+                                               "batch": 8, "rank": 8})
     budgets: dict = field(default_factory=lambda: {
         "environment": 10, "correctness": 100, "stress": 40, "serving_650M": 170, "training": 60,
-        "profile": 60, "serving_8M": 50, "training_graphed": 60})
+        "profile": 60, "serving_8M": 50, "fit": 60, "training_graphed": 60})
     overall_s: float = 465  # under 8 minutes with the interpreter's start
 
 
@@ -77,7 +82,8 @@ SMOKE = Plan(device="cpu", small=EncoderShape(2, 32, 4), large=EncoderShape(3, 4
              requests={"8M": 16, "650M": 8}, max_residues={"8M": 60, "650M": 40},
              stress={"threads": 3, "rounds": 3, "batch": 6, "slots": 3}, traffic=24, traffic_max_residues=40,
              mixed={"8M": (2, 8), "650M": (2, 8, 10)}, cold_loads=2, reps=1,
-             train={"batch": 2, "length": 32, "steps": 2, "rank": 4}, overall_s=300)
+             train={"batch": 2, "length": 32, "steps": 2, "rank": 4},
+             fit={"train": 16, "eval": 8, "max_residues": 40, "steps": 2, "batch": 4, "rank": 4}, overall_s=300)
 
 
 class OutOfTime(Exception):
@@ -516,6 +522,60 @@ def training_graphed(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[
     return failures
 
 
+def fit_end_to_end(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
+    """The product's own commands on the device, small base: `training.fit` (Lightning, bf16-mixed on
+    CUDA) trains a LoRA adapter on real sec_str sequences, scores it where it trained and publishes
+    it; `training.evaluate` scores it again on the CPU; the engine serves it on the device and on the
+    CPU (float32)."""
+    from training import evaluate, fit
+
+    f = plan.fit
+    failures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clock.check("data")
+        base_spec = bases.base_spec
+        if plan.small is not None:  # the smoke's random base, on disk for the command line
+            base_spec = str(save_hf_folder(bases.get("8M", "cpu").encoder, tmp / "base"))
+        base_args = ["--base", base_spec] if base_spec else []
+        records = [r for r in load_splits(TASKS["sec_str"])["train"] if len(r.sequence) <= f["max_residues"]]
+        random.Random(0).shuffle(records)
+        cuts = {"train": (0, f["train"]), "val": (f["train"], f["train"] + f["eval"]),
+                "test": (f["train"] + f["eval"], f["train"] + 2 * f["eval"])}
+        files = {}
+        for split, (low, high) in cuts.items():
+            files[split] = tmp / f"{split}.csv"
+            files[split].write_text("id,sequence,3state,resolved\n" + "".join(
+                f"s{i},{r.sequence},{r.label},{r.mask or '1' * len(r.sequence)}\n" for i, r in enumerate(records[low:high])))
+        clock.check("training.fit")
+        precision = "bf16-mixed" if plan.device == "cuda" else "32-true"
+        summary = fit.run(fit.parse_args([
+            *base_args, "--task", "sec_str", *(a for split, path in files.items() for a in (f"--{split}", str(path))),
+            "--registry", str(tmp / "registry"), "--run-dir", str(tmp / "runs"), "--name", "fit-check",
+            "--rank", str(f["rank"]), "--max-steps", str(f["steps"]), "--batch-size", str(f["batch"]),
+            "--precision", precision]))
+        out["fit"] = {k: summary[k] for k in ("scored_on", "train_seconds", "trainable_parameters", "val_q3", "test_q3")}
+        out["fit"]["precision"] = precision
+        if not summary["scored_on"].startswith(plan.device):
+            failures.append(f"training.fit scored on {summary['scored_on']}, not where it trained ({plan.device})")
+        clock.check("training.evaluate")
+        folder = summary["published"]
+        out["evaluate_q3"] = {device: evaluate.evaluate(folder, files["test"], device=device)["q3"]
+                              for device in dict.fromkeys(("cpu", plan.device))}
+        for device, q3 in out["evaluate_q3"].items():
+            if abs(q3 - summary["test_q3"]) > 0.01:  # float32 on either side; a near-tie may flip a residue
+                failures.append(f"test q3 {summary['test_q3']} from training.fit, {q3} from evaluate on {device}")
+        clock.check("serve")
+        requests = [("fit-check", r.sequence, True) for r in records[cuts["test"][0]:cuts["test"][1]]]
+        reference, served = (Engine(load_base(base_spec), tmp / "registry", EngineConfig(device=device)).predict(requests)
+                             for device in ("cpu", plan.device))
+        out["served_device_vs_cpu"] = compare(reference, served, TOLERANCE["float32"])
+        out["wrong_answers"] = out["served_device_vs_cpu"]["mismatches"] + out["served_device_vs_cpu"]["errors"]
+        if out["wrong_answers"]:
+            failures.append(f"the trained adapter served on {plan.device}: {out['served_device_vs_cpu']}")
+    return failures
+
+
 def profile(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
     """Where the time goes at the 650M shape: one bfloat16 serving pass of the merged adapter and of
     64 adapters mixed, and one training step of LoRA and of full fine-tuning. Device time over wall
@@ -580,6 +640,7 @@ def kernel_summary(events, wall: float) -> dict:
 
 PARTS = {"environment": environment, "correctness": correctness, "stress": stress,
          "serving_650M": serving("650M"), "training": training, "profile": profile, "serving_8M": serving("8M"),
+         "fit": fit_end_to_end,
          # last: a capture that goes wrong can leave the device unusable for what follows
          "training_graphed": training_graphed}
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from modeling.encoder import EncoderShape, EsmEncoder, fingerprint
 
@@ -153,6 +153,23 @@ def load_hf_folder(folder: Path) -> EsmEncoder:
     shape = EncoderShape(config["num_hidden_layers"], config["hidden_size"],
                          config["num_attention_heads"], bool(config.get("token_dropout", True)))
     return _build(shape, hf_to_internal(state), str(folder))
+
+
+def save_hf_folder(encoder: EsmEncoder, folder: Path) -> Path:
+    """The encoder as a Hugging Face ESM folder (config.json + model.safetensors, no LM head) that
+    `load_base` reads back with the same fingerprint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = encoder.shape
+    config = {"model_type": "esm", "architectures": ["EsmModel"], "position_embedding_type": "rotary",
+              "num_hidden_layers": shape.num_layers, "hidden_size": shape.embed_dim,
+              "num_attention_heads": shape.attention_heads, "intermediate_size": 4 * shape.embed_dim,
+              "token_dropout": shape.token_dropout, "emb_layer_norm_before": False, "layer_norm_eps": 1e-5,
+              "vocab_size": encoder.embed_tokens.weight.shape[0], "pad_token_id": 1, "mask_token_id": 32,
+              "max_position_embeddings": 1026}
+    state = internal_to_hf(encoder.state_dict())
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return folder
 
 
 def _cached(name: str) -> Path | None:

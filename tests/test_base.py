@@ -154,3 +154,19 @@ def test_hugging_face_names_written_back_load_as_what_transformers_wrote(tmp_pat
     assert set(again) == set(written)
     for key, value in again.items():
         assert torch.equal(value, written[key]), key
+
+
+def test_a_saved_folder_loads_back_and_in_transformers(tmp_path, tiny_base):
+    """save_hf_folder (the GPU check hands its random base to training.fit with it)."""
+    from transformers import EsmModel
+
+    from modeling.base import save_hf_folder
+    folder = save_hf_folder(tiny_base.encoder, tmp_path / "saved")
+    assert load_base(str(folder)).fingerprint == tiny_base.fingerprint
+    theirs = EsmModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    tokens = tokenize(SEQS)
+    with torch.no_grad():
+        expected = theirs(input_ids=tokens, attention_mask=tokens.ne(1)).last_hidden_state
+        ours = tiny_base.encoder(tokens)
+    for row, seq in enumerate(SEQS):
+        torch.testing.assert_close(ours[row, :len(seq) + 2], expected[row, :len(seq) + 2], atol=1e-5, rtol=1e-4)

@@ -98,3 +98,10 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, tiny_base_dir, capsys)
     assert "row rowZ: invalid residue '1'" in capsys.readouterr().err
     assert fit.main(["--task", "nope"]) == 2
     assert fit.main(["trainer.max_stepz=1"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_evaluate_on_a_gpu_that_is_not_there_is_a_clear_error(tmp_path, capsys):
+    assert evaluate.main(["--adapter", str(tmp_path / "none"), "--data", str(tmp_path / "none.csv"),
+                          "--device", "cuda"]) == 2
+    assert "'cuda' asked for, but torch sees no CUDA device here" in capsys.readouterr().err

@@ -29,6 +29,9 @@ def test_smoke_runs_every_part_and_passes(tmp_path):
         assert {"merged_1", "mixed_8", "mixed_10", "naive_peft_8", "adapter_load_ms"} <= set(served)
     assert report["parts"]["training"]["lora_trainable_parameters"] < report["parts"]["training"][
         "full_trainable_parameters"]
+    fitted = report["parts"]["fit"]  # training.fit -> evaluate -> engine, the product's own path
+    assert fitted["fit"]["scored_on"] == "cpu" and fitted["evaluate_q3"] == {"cpu": fitted["fit"]["test_q3"]}
+    assert fitted["served_device_vs_cpu"]["compared"] > 0 and fitted["wrong_answers"] == 0
     graphed = report["parts"]["training_graphed"]
     assert graphed["lora_host_syncs"] == graphed["full_host_syncs"] == 0
     assert graphed["graphs"].startswith("not run")  # a CPU: said, not passed off as measured

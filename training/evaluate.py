@@ -21,12 +21,14 @@ from modeling.model import load_task_model
 from training.data import DataError, crop, read_file
 from training.datamodule import TargetScale
 from training.fit import resolve_bundle
-from training.predict import predict, score
+from training.predict import predict, score, scoring_device
 from training.tasks import get_task, task_from_dict
 
 
 def evaluate(adapter: str, data: Path, task_name: str | None = None, registry: Path = Path("adapters"),
-             base_spec: str | None = None, batch_size: int = 16) -> dict:
+             base_spec: str | None = None, batch_size: int = 16, device: str = "auto") -> dict:
+    """device: auto (the GPU when torch sees one), cuda or cpu."""
+    device = scoring_device(device)
     bundle = resolve_bundle(adapter, registry)
     manifest = bundle.manifest
     if task_name:
@@ -42,10 +44,10 @@ def evaluate(adapter: str, data: Path, task_name: str | None = None, registry: P
         raise BundleError(f"{bundle.folder}: trained on base {manifest['base']['fingerprint'][:12]}, "
                           f"loaded base is {base.fingerprint[:12]}; pass --base")
     records, cropped = crop([replace(r, split="test") for r in read_file(Path(data), task)])
-    model = load_task_model(base.encoder, bundle)
+    model = load_task_model(base.encoder, bundle).to(device)
     output = manifest["output"]
     scale = TargetScale(output.get("target_mean", 0.0), output.get("target_std", 1.0))
-    result = score(task, records, predict(model, records, batch_size), scale)
+    result = score(task, records, predict(model, records, batch_size, device), scale)
     return {"adapter": bundle.ref, "task": task.name, "data": str(data), "cropped": cropped, **result}
 
 
@@ -59,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", default="adapters")
     parser.add_argument("--base", help="base weights (default: where the adapter was trained)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: the GPU when torch sees one")
     args = parser.parse_args(argv)
     try:
         result = evaluate(args.adapter, Path(args.data), args.task, Path(args.registry), args.base,
-                          args.batch_size)
+                          args.batch_size, args.device)
     except (DataError, BundleError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,10 +13,21 @@ from training.datamodule import TargetScale
 from training.tasks import Task
 
 
+def scoring_device(accelerator: str = "auto") -> torch.device:
+    """Where to run a model for scoring: the GPU when one is there and `accelerator` (Lightning's
+    name: auto, gpu, cuda, cpu) allows it."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accelerator in ("gpu", "cuda"):
+        raise ValueError(f"{accelerator!r} asked for, but torch sees no CUDA device here")
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def predict(model: TaskModel, records: list[Record], batch_size: int = 16,
             device: torch.device | str = "cpu") -> list[np.ndarray]:
-    """Raw outputs per record, in input order: (L, C) logits, (C,) logits, or a scalar."""
+    """Raw outputs per record, in input order: (L, C) logits, (C,) logits, or a scalar. The model
+    must already be on `device`."""
     model.eval()
     order = sorted(range(len(records)), key=lambda i: len(records[i].sequence))
     outputs: list[np.ndarray | None] = [None] * len(records)
