@@ -179,6 +179,13 @@ def compare(expected: list, got: list, tol: float) -> dict:
             float(f"{worst_r:.3g}")}
 
 
+def compare_embeddings(expected: list[torch.Tensor], got: list[torch.Tensor], tol: float = 1e-4) -> dict:
+    """Per-sequence relative error (L2) of two engines' Embed answers, float32 both."""
+    errors = [float((b.cpu() - a).norm() / a.norm()) for a, b in zip(expected, got, strict=True)]
+    return {"compared": len(errors), "mismatches": sum(not e <= tol for e in errors), "errors": 0,
+            "tolerance": tol, "max_relative_error": float(f"{max(errors):.3g}")}
+
+
 def engine(bases: Bases, size: str, registry: Path, device: str, **config) -> Engine:
     config.setdefault("r_max", 16)
     return Engine(bases.get(size, device), registry, EngineConfig(device=device, **config))
@@ -223,10 +230,14 @@ def correctness(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
             requests = [(names[i % len(names)], s, True) for i, s in enumerate(seqs)]
             clock.check(f"{size}: CPU reference")
             start = time.perf_counter()
-            reference = engine(bases, size, registry, "cpu", max_device_adapters=plan.adapters,
-                               max_batch_residues=16384).predict(requests)
+            cpu_engine = engine(bases, size, registry, "cpu", max_device_adapters=plan.adapters,
+                                max_batch_residues=16384)
+            reference = cpu_engine.predict(requests)
             result = out.setdefault(size, {"requests": len(requests), "adapters": len(names),
                                            "cpu_reference_s": round(time.perf_counter() - start, 1)})
+            embedded = seqs[:16]  # Embed: the bare base's residue representations
+            reference_embeddings = cpu_engine.embed(embedded)
+            del cpu_engine
             free("cpu")
             merged_names = names[:len(KINDS)]  # one adapter of each head kind
             for dtype in TOLERANCE:
@@ -235,6 +246,8 @@ def correctness(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
                                        dtype=dtype)
                 got = device_engine.predict(requests)
                 result[dtype] = compare(reference, got, TOLERANCE[dtype])
+                if dtype == "float32":
+                    result["float32_embed"] = compare_embeddings(reference_embeddings, device_engine.embed(embedded))
                 clock.check(f"{size} {dtype}: merged")
                 for name in merged_names:
                     device_engine.merge(name)
@@ -242,7 +255,9 @@ def correctness(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
                 merged = device_engine.predict([requests[i] for i in picked])
                 result[f"{dtype}_merged_vs_unmerged"] = compare([got[i] for i in picked], merged, TOLERANCE[dtype])
                 result[f"{dtype}_merged_vs_cpu"] = compare([reference[i] for i in picked], merged, TOLERANCE[dtype])
-                for key in (dtype, f"{dtype}_merged_vs_unmerged", f"{dtype}_merged_vs_cpu"):
+                for key in (dtype, f"{dtype}_merged_vs_unmerged", f"{dtype}_merged_vs_cpu", f"{dtype}_embed"):
+                    if key not in result:
+                        continue
                     wrong = result[key]["mismatches"] + result[key]["errors"]
                     out["wrong_answers"] = out.get("wrong_answers", 0) + wrong
                     if wrong:

@@ -20,7 +20,7 @@ def test_smoke_runs_every_part_and_passes(tmp_path):
     assert report["status"] == "pass"
     correctness = report["parts"]["correctness"]
     for size in ("8M", "650M"):
-        for key in ("float32", "bfloat16", "float32_merged_vs_unmerged", "bfloat16_merged_vs_cpu"):
+        for key in ("float32", "bfloat16", "float32_merged_vs_unmerged", "bfloat16_merged_vs_cpu", "float32_embed"):
             assert correctness[size][key]["compared"] > 0 and correctness[size][key]["mismatches"] == 0
     stress = report["parts"]["stress"]
     assert stress["evictions"] > 0 and stress["requests"] > 0 and stress["wrong_answers"] == 0
@@ -52,6 +52,11 @@ def test_a_wrong_answer_fails_the_comparison():
     flipped = Prediction("a@1", "sequence_class", label="y", probabilities={"x": 0.4, "y": 0.6})
     assert gpu_check.compare([want, want], [close, flipped], 1e-4)["mismatches"] == 1
     assert gpu_check.compare([want], [RuntimeError("boom")], 1e-4)["errors"] == 1
+    import torch
+    states = [torch.ones(5, 8)]
+    assert gpu_check.compare_embeddings(states, [states[0] + 1e-6])["mismatches"] == 0
+    assert gpu_check.compare_embeddings(states, [states[0] * 1.001])["mismatches"] == 1
+    assert gpu_check.compare_embeddings(states, [states[0] * float("nan")])["mismatches"] == 1
 
 
 def test_the_global_limit_ends_the_run_with_what_it_measured(tmp_path):
