@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from bench.engine import NaivePeft, cold_load_ms, publish_random_adapters, rates, sequences, weights_bytes
-from bench.train import GraphedStepper, HostSyncs, Stepper, real_batches, stepper_for, task_model_for
+from bench.train import GraphedStepper, HostSyncs, Stepper, real_batches, stepper_for, task_model_for, trainable
 from modeling.base import Base, load_base, save_hf_folder
 from modeling.encoder import EncoderShape, EsmEncoder, stock_fair_esm
 from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
@@ -255,9 +255,8 @@ def correctness(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
                 merged = device_engine.predict([requests[i] for i in picked])
                 result[f"{dtype}_merged_vs_unmerged"] = compare([got[i] for i in picked], merged, TOLERANCE[dtype])
                 result[f"{dtype}_merged_vs_cpu"] = compare([reference[i] for i in picked], merged, TOLERANCE[dtype])
-                for key in (dtype, f"{dtype}_merged_vs_unmerged", f"{dtype}_merged_vs_cpu", f"{dtype}_embed"):
-                    if key not in result:
-                        continue
+                for key in [dtype, f"{dtype}_merged_vs_unmerged", f"{dtype}_merged_vs_cpu"] + (
+                        ["float32_embed"] if dtype == "float32" else []):
                     wrong = result[key]["mismatches"] + result[key]["errors"]
                     out["wrong_answers"] = out.get("wrong_answers", 0) + wrong
                     if wrong:
@@ -435,10 +434,6 @@ def train_model(plan: Plan, bases: Bases, mode: str) -> Stepper:
     return stepper_for(bases.get("650M", plan.device).encoder, mode, plan.train["rank"], autocast=torch.bfloat16)
 
 
-def trainable(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def training(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
     """LoRA against full fine-tuning at the 650M shape, bf16 mixed precision, real sequences: at the
     issue's batch (8 x 256) and, to show where the balance lies, at four times the batch."""
@@ -452,7 +447,7 @@ def training(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
         if plan.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         stepper = train_model(plan, bases, mode)
-        out[f"{mode}_trainable_parameters"] = sum(p.numel() for p in stepper.model.parameters() if p.requires_grad)
+        out[f"{mode}_trainable_parameters"] = sum(p.numel() for p in trainable(stepper.model))
         for key, batch in sizes.items():
             for tokens in batches[key][:2]:  # warm-up
                 stepper.step(tokens)

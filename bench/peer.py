@@ -24,11 +24,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from bench.engine import NaivePeft, publish_random_adapters, sequences, throughput
 from modeling.alphabet import tokenize
-from modeling.base import internal_to_hf, load_base
+from modeling.base import load_base, save_hf_folder
 from modeling.encoder import stock_fair_esm
 from serving.engine import Engine, EngineConfig
 
@@ -60,16 +59,14 @@ def run(command: list[str], message: str) -> None:
         raise PeerUnavailable(f"{message}:\n{(done.stdout + done.stderr).strip()[-2000:]}")
 
 
-def write_hf_model(encoder: torch.nn.Module, path: Path) -> None:
-    """The encoder as EsmForMaskedLM's model.safetensors; the LM head is random (nobody reads it)."""
-    state = internal_to_hf(encoder.state_dict())
+def lm_head(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """EsmForMaskedLM's LM head, random (esm.cpp wants one; nobody reads it), tied to the embedding."""
     dim, vocab = encoder.embed_dim, encoder.embed_tokens.weight.shape[0]
     generator = torch.Generator().manual_seed(0)
-    state.update({"lm_head.dense.weight": torch.randn(dim, dim, generator=generator) * 0.02,
-                  "lm_head.dense.bias": torch.zeros(dim), "lm_head.layer_norm.weight": torch.ones(dim),
-                  "lm_head.layer_norm.bias": torch.zeros(dim), "lm_head.decoder.weight": encoder.embed_tokens.weight,
-                  "lm_head.bias": torch.zeros(vocab)})
-    save_file({k: v.detach().float().contiguous().clone() for k, v in state.items()}, str(path))
+    return {"lm_head.dense.weight": torch.randn(dim, dim, generator=generator) * 0.02,
+            "lm_head.dense.bias": torch.zeros(dim), "lm_head.layer_norm.weight": torch.ones(dim),
+            "lm_head.layer_norm.bias": torch.zeros(dim), "lm_head.decoder.weight": encoder.embed_tokens.weight,
+            "lm_head.bias": torch.zeros(vocab)}
 
 
 def run_peer(python: Path, model: Path, seqs: list[str], probe: list[str], repeats: int, threads: int) -> dict:
@@ -125,8 +122,7 @@ def compare(args: argparse.Namespace) -> dict:
     # four lengths across the benchmark's range show what esm.cpp answers on the measured work.
     probe = [SHORT] + seqs[:: max(1, len(seqs) // 4)][:4]
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "model.safetensors"
-        write_hf_model(base.encoder, model)
+        model = save_hf_folder(base.encoder, Path(tmp), extra=lm_head(base.encoder)) / "model.safetensors"
         peer = run_peer(python, model, seqs, probe, args.repeats, threads)
     out["esm_cpp"] = {k: v for k, v in peer.items() if not k.endswith("hidden")}
     with torch.no_grad():  # the same function: esm.cpp's float32 states against our encoder's

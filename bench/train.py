@@ -54,6 +54,10 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class Stepper:
     """One optimiser step at a time, so modes can be timed interleaved (fair under noise).
     `autocast`: the mixed-precision dtype (Lightning's bf16-mixed: float32 weights, bf16 compute)."""
@@ -63,8 +67,7 @@ class Stepper:
         self.model = model.train()
         self.device = next(model.parameters()).device
         self.autocast = autocast
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                           foreach=foreach, capturable=capturable)
+        self.optimizer = torch.optim.AdamW(trainable(model), lr=lr, foreach=foreach, capturable=capturable)
         self.loss: torch.Tensor | None = None  # the last step's, before its update
 
     def backward(self, tokens: torch.Tensor, autocast_cache: bool = True) -> torch.Tensor:
@@ -107,8 +110,8 @@ class GraphedStepper(Stepper):
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
         self.tokens = example.to(self.device).clone()  # the captured input: batches are copied in
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        initial = [p.detach().clone() for p in trainable]
+        params = trainable(model)
+        initial = [p.detach().clone() for p in params]
         side = torch.cuda.Stream(self.device)  # warm-up off the default stream, as capture requires
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -121,7 +124,7 @@ class GraphedStepper(Stepper):
         with torch.cuda.graph(self.graph):
             self.captured_loss = self.train(self.tokens, autocast_cache=False)
         with torch.no_grad():
-            for param, value in zip(trainable, initial):
+            for param, value in zip(params, initial):
                 param.copy_(value)
             for state in self.optimizer.state.values():  # step counts and moments, in place
                 for value in state.values():

@@ -155,9 +155,9 @@ def load_hf_folder(folder: Path) -> EsmEncoder:
     return _build(shape, hf_to_internal(state), str(folder))
 
 
-def save_hf_folder(encoder: EsmEncoder, folder: Path) -> Path:
-    """The encoder as a Hugging Face ESM folder (config.json + model.safetensors, no LM head) that
-    `load_base` reads back with the same fingerprint."""
+def save_hf_folder(encoder: EsmEncoder, folder: Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """The encoder as a Hugging Face ESM folder (config.json + model.safetensors) that `load_base`
+    reads back with the same fingerprint; `extra`: more tensors for the file (an LM head)."""
     folder.mkdir(parents=True, exist_ok=True)
     shape = encoder.shape
     config = {"model_type": "esm", "architectures": ["EsmModel"], "position_embedding_type": "rotary",
@@ -166,8 +166,10 @@ def save_hf_folder(encoder: EsmEncoder, folder: Path) -> Path:
               "token_dropout": shape.token_dropout, "emb_layer_norm_before": False, "layer_norm_eps": 1e-5,
               "vocab_size": encoder.embed_tokens.weight.shape[0], "pad_token_id": 1, "mask_token_id": 32,
               "max_position_embeddings": 1026}
-    state = internal_to_hf(encoder.state_dict())
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(folder / "model.safetensors"))
+    state = {**internal_to_hf(encoder.state_dict()), **(extra or {})}
+    # copied: safetensors refuses tensors that share memory (a tied LM head shares the embedding's)
+    save_file({k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in state.items()},
+              str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     return folder
 

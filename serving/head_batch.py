@@ -52,8 +52,7 @@ def run_heads(heads: list[nn.Module], rows: list[list[int]], reps: torch.Tensor,
 
 def _stacked(group: list[nn.Module], name: str, head_index: torch.Tensor) -> torch.Tensor:
     """Parameter `name` of every head in the group, one per row."""
-    params = [dict(head.named_parameters())[name] for head in group]
-    return torch.stack(params)[head_index]
+    return torch.stack([head.get_parameter(name) for head in group])[head_index]
 
 
 def _pooled_heads(group: list[PooledHead], head_index: torch.Tensor, reps: torch.Tensor,
