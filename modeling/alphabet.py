@@ -1,6 +1,7 @@
 """ESM-2 tokenisation and sequence validation (one alphabet for every ESM-2 size)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # The ESM-1b/ESM-2 vocabulary, in token-id order (identical in fair-esm and Hugging Face).
@@ -13,6 +14,11 @@ TOKEN_ID = {tok: i for i, tok in enumerate(TOKENS)}
 CLS, PAD, EOS, MASK = TOKEN_ID["<cls>"], TOKEN_ID["<pad>"], TOKEN_ID["<eos>"], TOKEN_ID["<mask>"]
 # Residue letters a request may contain: the 20 standard amino acids plus X, B, U, Z, O.
 RESIDUES = frozenset("LAGVSERTIDPKQNFYMHWCXBUZO")
+# Token id of each byte that is a one-letter token; -1 for every other byte.
+_CODE_OF_BYTE = np.full(256, -1, dtype=np.int64)
+for _token, _id in TOKEN_ID.items():
+    if len(_token) == 1:
+        _CODE_OF_BYTE[ord(_token)] = _id
 MAX_RESIDUES = 1022  # 1024 positions minus <cls> and <eos>
 
 
@@ -50,13 +56,22 @@ def within_limit(seq: str, where: str, crop: bool = False, hint: str | None = No
 
 
 def tokenize(sequences: list[str], pad_to: int | None = None) -> torch.Tensor:
-    """<cls> seq <eos> <pad>...; sequences must already be normalised."""
-    width = max(len(s) for s in sequences) + 2
+    """<cls> seq <eos> <pad>...; sequences must already be normalised. Built in a few numpy
+    operations for the whole batch: a torch write per sequence cost ~11 ms per 256 sequences of
+    host time (2-core machine), time a GPU spends idle between batches."""
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    width = int(lengths.max()) + 2
     if pad_to is not None:
         width = max(width, pad_to)
-    tokens = torch.full((len(sequences), width), PAD, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        tokens[row, 0] = CLS
-        tokens[row, 1:len(seq) + 1] = torch.tensor([TOKEN_ID[c] for c in seq], dtype=torch.long)
-        tokens[row, len(seq) + 1] = EOS
-    return tokens
+    joined = "".join(sequences)
+    codes = _CODE_OF_BYTE[np.frombuffer(joined.encode("ascii", errors="replace"), dtype=np.uint8)]
+    if (codes < 0).any():
+        position = int(np.argmax(codes < 0))
+        raise SequenceError(f"cannot tokenise {joined[position]!r}: normalise sequences first", char=joined[position])
+    tokens = np.full((len(sequences), width), PAD, dtype=np.int64)
+    tokens[:, 0] = CLS
+    starts = np.cumsum(lengths) - lengths
+    rows = np.repeat(np.arange(len(sequences)), lengths)
+    tokens[rows, np.arange(len(codes)) - starts[rows] + 1] = codes
+    tokens[np.arange(len(sequences)), lengths + 1] = EOS
+    return torch.from_numpy(tokens)

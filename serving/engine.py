@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -554,9 +555,9 @@ class Engine:
             # (64 adapters in a batch: 64 round trips).
             host = torch.cat([out.reshape(-1) for out in outputs]).float().cpu().split([out.numel() for out in outputs])
             for members, out, flat in zip(groups.values(), outputs, host):
-                flat = flat.view(out.shape)
-                for j, k in enumerate(members):
-                    results[chunk[k].index] = self._decode(chunk[k], flat[j])
+                decoded = self._decode([chunk[k] for k in members], flat.view(out.shape))
+                for k, prediction in zip(members, decoded):
+                    results[chunk[k].index] = prediction
             self._observe(chunk, [sequence for sequence, _ in encoded], tokens.shape[1] - 2, time.perf_counter() - start)
 
     def _observe(self, chunk: list[_Item], encoded: list[str], width: int, seconds: float) -> None:
@@ -589,22 +590,38 @@ class Engine:
             out = model(tokens).float()
             self.stats["batches"] += 1
             self.stats["sequences"] += len(chunk)
-            for row, it in enumerate(chunk):
-                results[it.index] = self._decode(it, out[row])
+            for it, prediction in zip(chunk, self._decode(chunk, out)):
+                results[it.index] = prediction
             self._observe(chunk, [it.sequence for it in chunk], tokens.shape[1] - 2, time.perf_counter() - start)
 
-    def _decode(self, item: _Item, out: torch.Tensor) -> Prediction:
-        adapter, length = item.adapter, len(item.sequence)
+    def _decode(self, items: list[_Item], out: torch.Tensor) -> list[Prediction]:
+        """Predictions of items that share one adapter, from their head outputs stacked in `out`
+        (one row per item, on the host), decoded as a group in numpy: per-item tensor operations
+        and a Python lookup per residue cost ~12 ms of host time per 256 sequences (2-core machine)."""
+        adapter = items[0].adapter
         output = adapter.manifest["output"]
         labels = output["labels"]
-        if adapter.kind == PER_RESIDUE:
-            probs = out[:length].softmax(-1)
-            return Prediction(adapter.ref, adapter.kind,
-                              labels="".join(labels[i] for i in probs.argmax(-1).tolist()),
-                              residue_probabilities=probs.tolist() if item.probabilities else None)
+        out = out.numpy()
         if adapter.kind == REGRESSION:
-            value = float(out.reshape(-1)[0]) * output.get("target_std", 1.0) + output.get("target_mean", 0.0)
-            return Prediction(adapter.ref, adapter.kind, value=value)
-        probs = out.softmax(-1)
-        return Prediction(adapter.ref, adapter.kind, label=labels[int(probs.argmax())],
-                          probabilities={label: float(p) for label, p in zip(labels, probs.tolist())})
+            std, mean = output.get("target_std", 1.0), output.get("target_mean", 0.0)
+            return [Prediction(adapter.ref, adapter.kind, value=v * std + mean)
+                    for v in out.reshape(len(items), -1)[:, 0].tolist()]
+        if adapter.kind == PER_RESIDUE:
+            # Label strings through a table of code points, from the logits' argmax (the probabilities'
+            # too); probabilities only for the rows that asked for them.
+            letters = np.array([ord(label) for label in labels], dtype="<u4")[out.argmax(-1)]
+            predictions = []
+            for row, item in enumerate(items):
+                length = len(item.sequence)
+                probs = softmax(out[row, :length]).tolist() if item.probabilities else None
+                predictions.append(Prediction(adapter.ref, adapter.kind, residue_probabilities=probs,
+                                              labels=letters[row, :length].tobytes().decode("utf-32-le")))
+            return predictions
+        probs = softmax(out)
+        return [Prediction(adapter.ref, adapter.kind, label=labels[best], probabilities=dict(zip(labels, row)))
+                for best, row in zip(probs.argmax(-1).tolist(), probs.tolist())]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    return exp / exp.sum(-1, keepdims=True)

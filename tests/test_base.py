@@ -7,11 +7,23 @@ import pytest
 import torch
 
 from conftest import TINY, fair_esm_checkpoint, tiny_hf_folder
-from modeling.alphabet import MASK, tokenize
+from modeling.alphabet import MASK, SequenceError, tokenize
 from modeling.base import BaseNotFound, load_base, resolve
 from modeling.encoder import EsmEncoder, fingerprint, stock_fair_esm
 
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "MKTLLV", "ACDEFGHIKLMNPQRSTVWYXBUZO"]
+
+
+def test_tokenize_matches_fair_esm_batch_converter():
+    from esm.data import Alphabet
+    convert = Alphabet.from_architecture("ESM-1b").get_batch_converter()
+    batch = SEQS + ["A", "LAGV.-" * 40]
+    assert torch.equal(tokenize(batch), convert([(str(i), s) for i, s in enumerate(batch)])[2])
+    padded = tokenize(["MKT"], pad_to=12)
+    assert padded.shape == (1, 12) and torch.equal(padded[0, :5], tokenize(["MKT"])[0])
+    for bad in ("MKt", "MK1", "MKé"):  # not normalised: refused, never a wrong token
+        with pytest.raises(SequenceError, match=repr(bad[-1])):
+            tokenize(["MKT", bad])
 
 
 def test_hf_folder_matches_transformers_forward(tmp_path):

@@ -71,9 +71,12 @@ def test_probabilities_match_within_tolerance(tiny_base_dir, registry):
     engine = Engine(load_base(str(tiny_base_dir)), registry,
                     EngineConfig(r_max=8, return_residue_probabilities=True))
     seqs = random_sequences(6, 10, 50, seed=2)
-    results = engine.predict([("a" if i % 2 else "b", s) for i, s in enumerate(seqs)] + [("a", seqs[0])])
+    # The last two name one adapter in one batch, one with probabilities and one without.
+    results = engine.predict([("a" if i % 2 else "b", s) for i, s in enumerate(seqs)]
+                             + [("a", seqs[0]), ("a", seqs[0], False)])
     expected = reference(tiny_base_dir, folder, seqs[0]).softmax(-1)
-    torch.testing.assert_close(torch.tensor(results[-1].residue_probabilities), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.tensor(results[-2].residue_probabilities), expected, atol=ATOL, rtol=0)
+    assert results[-1].residue_probabilities is None and results[-1].labels == results[-2].labels
 
 
 def test_bad_requests_fail_alone(tiny_base_dir, registry):
