@@ -74,7 +74,7 @@ class Plan:
                                                "batch": 8, "rank": 8})
     budgets: dict = field(default_factory=lambda: {
         "environment": 10, "correctness": 100, "stress": 40, "serving_650M": 170, "training": 60,
-        "profile": 60, "serving_8M": 50, "fit": 60, "training_graphed": 60})
+        "profile": 60, "serving_8M": 50, "fit": 60, "serving_graphed": 60, "training_graphed": 60})
     overall_s: float = 465  # under 8 minutes with the interpreter's start
 
 
@@ -465,6 +465,52 @@ def training(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
     return []
 
 
+def serving_graphed(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
+    """The engine replaying its encoder passes from CUDA graphs (EngineConfig.cuda_graphs,
+    serving/graphs.py) against the same engine eager, bfloat16, on bench.engine's traffic: first the
+    answers (bf16 tolerance: padding a batch to its graph's bucket may change which kernels run),
+    then one adapter merged and 64 mixed, each way. On the CPU (smoke) both engines run eager, so
+    the part's code runs and nothing is claimed."""
+    graphs = plan.device == "cuda"
+    out["graphs"] = graphs
+    failures = []
+    for size in ("650M", "8M"):
+        k = plan.mixed[size][1]
+        clock.check(f"{size}: publish")
+        with tempfile.TemporaryDirectory() as tmp:
+            registry = Path(tmp)
+            names = publish_random_adapters(bases.peek(size), registry, k, 16)
+            seqs = traffic_sequences(plan.traffic, plan.traffic_max_residues)
+            one, mixed = [(names[0], s) for s in seqs], [(names[i % k], s) for i, s in enumerate(seqs)]
+            result = out.setdefault(size, {"adapters": k, "sequences": len(seqs)})
+            answers = {}
+            for label, use_graphs in (("eager", False), ("graphed", graphs)):
+                clock.check(f"{size}: {label}")
+                device_engine = engine(bases, size, registry, plan.device, max_device_adapters=k, max_batch_size=64,
+                                       dtype="bfloat16", cuda_graphs=use_graphs)
+                answers[label] = device_engine.predict([(name, s, True) for name, s in mixed])
+                result[f"{label}_mixed_{k}"] = timed(device_engine, mixed, plan.reps)
+                clock.check(f"{size}: {label} merged")
+                device_engine.merge(names[0])
+                result[f"{label}_merged_1"] = timed(device_engine, one, plan.reps)
+                if device_engine.graphs is not None:
+                    result.update(captures=device_engine.graphs.captures,
+                                  capture_s=round(device_engine.graphs.capture_s, 2))
+                del device_engine
+                free(plan.device)
+            result["graphed_vs_eager"] = compare(answers["eager"], answers["graphed"], TOLERANCE["bfloat16"])
+            wrong = result["graphed_vs_eager"]["mismatches"] + result["graphed_vs_eager"]["errors"]
+            if wrong:
+                failures.append(f"{size}: {wrong} graphed answers differ from eager ones")
+            rate = {key: value["residues_per_s"] for key, value in result.items() if isinstance(value, dict)
+                    and "residues_per_s" in value}
+            for label in ("eager", "graphed"):
+                result[f"mixed{k}_over_merged_{label}"] = round(rate[f"{label}_mixed_{k}"] / rate[f"{label}_merged_1"], 3)
+            for traffic in (f"mixed_{k}", "merged_1"):
+                result[f"graphed_over_eager_{traffic}"] = round(rate[f"graphed_{traffic}"] / rate[f"eager_{traffic}"], 3)
+    return failures
+
+
 def training_graphed(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
     """Training steps captured as CUDA graphs (bench.train.GraphedStepper): what LoRA and full
     fine-tuning cost once the host no longer launches every kernel (`training` found both host-bound).
@@ -652,7 +698,7 @@ PARTS = {"environment": environment, "correctness": correctness, "stress": stres
          "serving_650M": serving("650M"), "training": training, "profile": profile, "serving_8M": serving("8M"),
          "fit": fit_end_to_end,
          # last: a capture that goes wrong can leave the device unusable for what follows
-         "training_graphed": training_graphed}
+         "serving_graphed": serving_graphed, "training_graphed": training_graphed}
 
 
 # ---- goals and the run ---------------------------------------------------------------------------
@@ -665,6 +711,10 @@ def goals(report: dict) -> dict:
         "mixed64_over_naive": (bf16.get("mixed64_over_naive"), ">=", 4),
         "adapter_load_ms": (bf16.get("adapter_load_ms"), "<=", 50),
         "lora_over_full_training": (parts.get("training", {}).get("lora_over_full"), ">", 1),
+        # the same goals with the passes and steps replayed from CUDA graphs
+        "mixed64_over_merged_graphed": (parts.get("serving_graphed", {}).get("650M", {}).get(
+            "mixed64_over_merged_graphed"), ">=", 0.85),
+        "lora_over_full_training_graphed": (parts.get("training_graphed", {}).get("lora_over_full_graphed"), ">", 1),
     }
     checked = [parts.get(p, {}) for p in ("correctness", "stress")]
     finished = all(part.get("status") in ("pass", "fail") for part in checked)

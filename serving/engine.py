@@ -25,6 +25,7 @@ from modeling.base import Base
 from modeling.encoder import EsmEncoder
 from modeling.heads import PER_RESIDUE, REGRESSION, HeadSpec, build_head, residues
 from modeling.lora import ATTENTION_TARGETS, PEFT_PREFIX
+from serving.graphs import EncoderGraphs, padded_batch
 from serving.head_batch import run_heads
 from serving.int8 import check_quantize, quantize_linears
 from serving.multilora import PackedLora, SlotContext, wrap_targets
@@ -165,6 +166,10 @@ class EngineConfig:
     # "int8": the shared encoder's linear layers (and merged copies') run W8A8 on the CPU
     # (serving/int8.py); LoRA terms, heads, norms and attention stay float32. Tolerance: tests.
     quantize: str = "none"
+    # Replay encoder passes from CUDA graphs, one per padded batch shape (serving/graphs.py): the host
+    # then queues one graph instead of thousands of kernels. CUDA only; batches are padded to
+    # buckets (rows to a multiple of 8, positions to a multiple of 64).
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -206,6 +211,9 @@ class Engine:
                                                     self.config.max_device_adapters + 1, self.config.r_max, self.context)
         if self.config.quantize == "int8":
             quantize_linears(self.encoder)  # the wrapped originals too; the LoRA slots stay float32
+        if self.config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device.type}")
+        self.graphs = EncoderGraphs(self.context, self.slot_store.gather) if self.config.cuda_graphs else None
         if isinstance(registry, Path) or isinstance(registry, str):
             registry = Registry(Path(registry), manifest_checker(base, self.config.r_max, self.config.targets))
         self.registry = registry
@@ -526,21 +534,30 @@ class Engine:
             row_of: dict[tuple[str, int], int] = {}
             rows_of_items = [row_of.setdefault((it.sequence, it.slot), len(row_of)) for it in chunk]
             encoded = list(row_of)
-            tokens = to_device(tokenize([sequence for sequence, _ in encoded]), self.device)
+            sequences, slot_index = [sequence for sequence, _ in encoded], [slot for _, slot in encoded]
+            if self.graphs is not None:  # a graph per bucket: padding rows and positions, as graphs.py says
+                tokens, slot_index = padded_batch(sequences, slot_index)
+            else:
+                tokens = tokenize(sequences)
+            tokens = to_device(tokens, self.device)
             with self._forward:
                 if slots and self._copy_stream is not None:
                     compute = torch.cuda.current_stream(self.device)
                     for slot in {slot for _, slot in encoded}:
                         if slot in self._slot_ready:
                             compute.wait_event(self._slot_ready[slot])
-                if slots:
-                    index = to_device(torch.tensor([slot for _, slot in encoded]), self.device)
-                    self.context.rows = self.slot_store.gather(index)
-                try:
-                    reps = encoder(tokens)
-                finally:
-                    self.context.rows = None
-            lengths = [len(sequence) for sequence, _ in encoded]
+                index = to_device(torch.tensor(slot_index), self.device) if slots else None
+                if self.graphs is not None:
+                    variant = tuple(layer.use_bias for layer in self.layers.values())
+                    reps = self.graphs.run(encoder, tokens, index, variant)[:len(encoded)]
+                else:
+                    if slots:
+                        self.context.rows = self.slot_store.gather(index)
+                    try:
+                        reps = encoder(tokens)
+                    finally:
+                        self.context.rows = None
+            lengths = [len(sequence) for sequence in sequences]
             reps, mask = residues(reps, to_device(torch.tensor(lengths), self.device), max(lengths))
             self.stats["batches"] += 1
             self.stats["sequences"] += len(chunk)

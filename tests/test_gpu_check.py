@@ -32,6 +32,11 @@ def test_smoke_runs_every_part_and_passes(tmp_path):
     fitted = report["parts"]["fit"]  # training.fit -> evaluate -> engine, the product's own path
     assert fitted["fit"]["scored_on"] == "cpu" and fitted["evaluate_q3"] == {"cpu": fitted["fit"]["test_q3"]}
     assert fitted["served_device_vs_cpu"]["compared"] > 0 and fitted["wrong_answers"] == 0
+    served = report["parts"]["serving_graphed"]
+    assert served["graphs"] is False  # a CPU: both engines eager, and the report says so
+    for size in ("8M", "650M"):
+        assert served[size]["graphed_vs_eager"]["compared"] == 24 and served[size]["graphed_vs_eager"]["mismatches"] == 0
+        assert {"eager_merged_1", "graphed_mixed_8", "graphed_over_eager_mixed_8"} <= set(served[size])
     graphed = report["parts"]["training_graphed"]
     assert graphed["lora_host_syncs"] == graphed["full_host_syncs"] == 0
     assert graphed["graphs"].startswith("not run")  # a CPU: said, not passed off as measured

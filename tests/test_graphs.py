@@ -1,0 +1,53 @@
+"""The CPU half of serving/graphs.py: the padding a CUDA graph's bucket adds changes no real row.
+(Capture and replay need a GPU: bench.gpu_check's serving_graphed part checks them there.)"""
+import pytest
+import torch
+
+from conftest import random_sequences
+from modeling.alphabet import CLS, EOS, PAD, tokenize
+from modeling.base import load_base
+from modeling.lora import ATTENTION_TARGETS
+from serving.engine import Engine, EngineConfig
+from serving.graphs import bucket, padded_batch
+from serving.multilora import SlotContext, wrap_targets
+
+
+def test_buckets_round_rows_to_8_and_positions_to_64():
+    assert bucket(1, 3) == (8, 64)
+    assert bucket(8, 64) == (8, 64)
+    assert bucket(9, 65) == (16, 128)
+    assert bucket(64, 1024) == (64, 1024)  # the longest sequence, 1022 residues, needs no more
+
+
+def test_padding_to_a_bucket_leaves_every_real_row_unchanged(tiny_base_dir):
+    encoder = load_base(str(tiny_base_dir)).encoder.eval()
+    context = SlotContext()
+    layers, store = wrap_targets(encoder, ATTENTION_TARGETS, num_slots=3, r_max=8, context=context)
+    g = torch.Generator().manual_seed(0)
+    for slot, rank in ((1, 8), (2, 3)):  # two adapters with biases, so padding rows see every term
+        store.load(slot, store.pack({path: (torch.randn(rank, d_in, generator=g), torch.randn(d_out, rank, generator=g),
+                                             torch.randn(d_out, generator=g)) for path, (d_out, d_in) in store.shapes.items()},
+                                    scale=0.5))
+    for layer in layers.values():
+        layer.use_bias = True
+    sequences = random_sequences(5, 10, 70, seed=3)
+    slots = [1, 2, 0, 2, 1]
+    tokens, padded_slots = padded_batch(sequences, slots)
+    assert tuple(tokens.shape) == bucket(5, max(map(len, sequences)) + 2) == (8, 128)
+    assert padded_slots == slots + [0, 0, 0]
+    assert tokens[5:, :2].tolist() == [[CLS, EOS]] * 3 and bool((tokens[5:, 2:] == PAD).all())
+    with torch.no_grad():
+        context.rows = store.gather(torch.tensor(slots))
+        expected = encoder(tokenize(sequences))
+        context.rows = store.gather(torch.tensor(padded_slots))
+        got = encoder(tokens)
+    context.rows = None
+    assert torch.isfinite(got).all()  # padding rows too: an all-<pad> row would divide by zero
+    for row, sequence in enumerate(sequences):  # <cls>, residues, <eos>; positions after are undefined
+        torch.testing.assert_close(got[row, :len(sequence) + 2], expected[row, :len(sequence) + 2],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_graphs_without_a_gpu_is_a_clear_error(tiny_base_dir, tmp_path):
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        Engine(load_base(str(tiny_base_dir)), tmp_path, EngineConfig(cuda_graphs=True))
