@@ -1,5 +1,7 @@
-"""The CPU half of serving/graphs.py: the padding a CUDA graph's bucket adds changes no real row.
-(Capture and replay need a GPU: bench.gpu_check's serving_graphed part checks them there.)"""
+"""The CPU half of serving/graphs.py: the padding a CUDA graph's bucket adds changes no real row, and
+the engine around the graphs (buckets, static inputs, LRU, merged copies) answers as the eager one
+with a stand-in graph that re-runs its pass. Real capture and replay need a GPU: bench.gpu_check's
+serving_graphed part checks them there against the eager engine."""
 import pytest
 import torch
 
@@ -51,3 +53,57 @@ def test_padding_to_a_bucket_leaves_every_real_row_unchanged(tiny_base_dir):
 def test_cuda_graphs_without_a_gpu_is_a_clear_error(tiny_base_dir, tmp_path):
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         Engine(load_base(str(tiny_base_dir)), tmp_path, EngineConfig(cuda_graphs=True))
+
+
+class ReplayByRerun:
+    """Stands in for torch.cuda.CUDAGraph on a CPU: replay re-runs the captured pass on the static
+    inputs into the static output (which capture leaves poisoned with NaN, so a replay that does not
+    write it shows). It checks everything around the graph: buckets, static inputs, LRU, merged copies."""
+
+    def replay(self):
+        self.output.copy_(self.rerun())
+
+
+def test_engine_replays_answer_as_the_eager_engine(tiny_base_dir, tmp_path, monkeypatch):
+    import contextlib
+
+    from bundles import make_bundle
+    from serving import graphs
+
+    class Stream:
+        def __init__(self, *args):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    for name, value in {"graph_pool_handle": lambda: None, "CUDAGraph": ReplayByRerun, "Stream": Stream,
+                        "graph": lambda *args, **kwargs: contextlib.nullcontext(),
+                        "current_stream": lambda *args: Stream(), "stream": lambda s: contextlib.nullcontext()}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    capture = graphs.EncoderGraphs._capture
+
+    def capture_for_rerun(self, encoder, tokens, slots):
+        entry = capture(self, encoder, tokens, slots)
+        entry.graph.rerun = lambda: self._forward(encoder, entry.tokens, entry.slots)
+        entry.graph.output = entry.output.fill_(float("nan"))
+        return entry
+
+    monkeypatch.setattr(graphs.EncoderGraphs, "_capture", capture_for_rerun)
+    base, registry = load_base(str(tiny_base_dir)), tmp_path / "adapters"
+    names = [f"a{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        make_bundle(base, registry, name, rank=(2, 4, 8)[i % 3], seed=i)
+    requests = [(names[i % 6], s, True) for i, s in enumerate(random_sequences(40, 5, 90, seed=1))]
+    expected = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8)).predict(requests)
+    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8, max_batch_size=16))
+    engine.graphs = graphs.EncoderGraphs(engine.context, engine.slot_store.gather, capacity=3)
+    runs = [engine.predict(requests), engine.predict(requests)]
+    engine.merge(names[0])  # its own encoder: graphs of its own
+    runs.append(engine.predict(requests))
+    assert engine.graphs.captures > 3 and len(engine.graphs.graphs) == 3  # evicted and captured again
+    for got in runs:
+        for want, have in zip(expected, got, strict=True):
+            assert have.labels == want.labels
+            torch.testing.assert_close(torch.tensor(have.residue_probabilities),
+                                       torch.tensor(want.residue_probabilities), atol=1e-5, rtol=0)
