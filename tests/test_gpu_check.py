@@ -34,6 +34,7 @@ def test_smoke_runs_every_part_and_passes(tmp_path):
     assert fitted["served_device_vs_cpu"]["compared"] > 0 and fitted["wrong_answers"] == 0
     served = report["parts"]["serving_graphed"]
     assert served["graphs"] is False  # a CPU: both engines eager, and the report says so
+    assert served["stress"]["evictions"] > 0 and served["wrong_answers"] == 0
     for size in ("8M", "650M"):
         assert served[size]["graphed_vs_eager"]["compared"] == 24 and served[size]["graphed_vs_eager"]["mismatches"] == 0
         assert {"eager_merged_1", "graphed_mixed_8", "graphed_over_eager_mixed_8"} <= set(served[size])
