@@ -551,12 +551,7 @@ class Engine:
                     variant = tuple(layer.use_bias for layer in self.layers.values())
                     reps = self.graphs.run(encoder, tokens, index, variant)[:len(encoded)]
                 else:
-                    if slots:
-                        self.context.rows = self.slot_store.gather(index)
-                    try:
-                        reps = encoder(tokens)
-                    finally:
-                        self.context.rows = None
+                    reps = self.context.run(encoder, tokens, self.slot_store.gather(index) if slots else None)
             lengths = [len(sequence) for sequence in sequences]
             reps, mask = residues(reps, to_device(torch.tensor(lengths), self.device), max(lengths))
             self.stats["batches"] += 1
@@ -575,7 +570,7 @@ class Engine:
                 decoded = self._decode([chunk[k] for k in members], flat.view(out.shape))
                 for k, prediction in zip(members, decoded):
                     results[chunk[k].index] = prediction
-            self._observe(chunk, [sequence for sequence, _ in encoded], tokens.shape[1] - 2, time.perf_counter() - start)
+            self._observe(chunk, sequences, tokens.shape[1] - 2, time.perf_counter() - start)
 
     def _observe(self, chunk: list[_Item], encoded: list[str], width: int, seconds: float) -> None:
         """encoded: the sequences the encoder ran (one per row)."""

@@ -81,12 +81,7 @@ class EncoderGraphs:
         return entry.output.clone()
 
     def _forward(self, encoder: nn.Module, tokens: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
-        if slots is not None:
-            self.context.rows = self.gather(slots)
-        try:
-            return encoder(tokens)
-        finally:
-            self.context.rows = None
+        return self.context.run(encoder, tokens, None if slots is None else self.gather(slots))
 
     def _capture(self, encoder: nn.Module, tokens: torch.Tensor, slots: torch.Tensor | None) -> _Graph:
         start = time.perf_counter()

@@ -28,6 +28,14 @@ class SlotContext:
     def __init__(self):
         self.rows: torch.Tensor | None = None
 
+    def run(self, module: nn.Module, tokens: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """module(tokens) with `rows` (gathered slots; None: no adapter) as the batch's adapters."""
+        self.rows = rows
+        try:
+            return module(tokens)
+        finally:
+            self.rows = None
+
 
 @dataclass(frozen=True)
 class PackedLora:

@@ -39,11 +39,8 @@ def test_padding_to_a_bucket_leaves_every_real_row_unchanged(tiny_base_dir):
     assert padded_slots == slots + [0, 0, 0]
     assert tokens[5:, :2].tolist() == [[CLS, EOS]] * 3 and bool((tokens[5:, 2:] == PAD).all())
     with torch.no_grad():
-        context.rows = store.gather(torch.tensor(slots))
-        expected = encoder(tokenize(sequences))
-        context.rows = store.gather(torch.tensor(padded_slots))
-        got = encoder(tokens)
-    context.rows = None
+        expected = context.run(encoder, tokenize(sequences), store.gather(torch.tensor(slots)))
+        got = context.run(encoder, tokens, store.gather(torch.tensor(padded_slots)))
     assert torch.isfinite(got).all()  # padding rows too: an all-<pad> row would divide by zero
     for row, sequence in enumerate(sequences):  # <cls>, residues, <eos>; positions after are undefined
         torch.testing.assert_close(got[row, :len(sequence) + 2], expected[row, :len(sequence) + 2],
