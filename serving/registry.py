@@ -79,6 +79,9 @@ class Registry:
         self.root = Path(root)
         self.check = check or (lambda manifest: None)
         self._entries: dict[str, Entry] = {}
+        # name -> {version: entry}: a request resolves its name in constant time, not by a scan of
+        # every entry (with thousands registered, that scan was the host's largest cost per request)
+        self._versions: dict[str, dict[int, Entry]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listeners = []
@@ -114,10 +117,13 @@ class Registry:
             self.problem = f"registry unreadable: {exc}"
             return set(), set()
         self.problem = None
+        versions: dict[str, dict[int, Entry]] = {}
+        for entry in found.values():
+            versions.setdefault(entry.name, {})[entry.version] = entry
         with self._lock:
             added = set(found) - set(self._entries)
             removed = set(self._entries) - set(found)
-            self._entries = found
+            self._entries, self._versions = found, versions
         for listener in self._listeners:
             listener(added, removed)
         return added, removed
@@ -161,12 +167,12 @@ class Registry:
         """NAME (newest version) or NAME@VERSION -> Entry; raises BundleError for a bad name."""
         name, version = bundles.parse_ref(ref)
         with self._lock:
-            candidates = [e for e in self._entries.values() if e.name == name]
-        if version is not None:
-            candidates = [e for e in candidates if e.version == version]
-        if not candidates:
+            versions = self._versions.get(name, {})
+        if version is None and versions:
+            version = max(versions)
+        entry = versions.get(version)
+        if entry is None:
             raise AdapterNotFound(f"adapter {ref!r} not found in the registry")
-        entry = max(candidates, key=lambda e: e.version)
         if entry.reason:
             raise AdapterRefused(f"adapter {entry.ref} refused: {entry.reason}")
         return entry

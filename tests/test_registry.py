@@ -37,6 +37,25 @@ def test_half_copied_folder_is_invisible_until_the_manifest_lands(tiny_base, tmp
     assert registry.resolve("copied").status == "ok"
 
 
+def test_names_resolve_to_their_newest_version_or_the_one_pinned(tiny_base, tmp_path):
+    source = make_bundle(tiny_base, tmp_path / "src", "a")
+    root = tmp_path / "adapters"
+    for version in (1, 2, 10):  # 10 is newer than 2: numbers, not strings
+        shutil.copytree(source, root / "mine" / str(version))
+    shutil.copytree(source, root / "other" / "3")
+    registry = reg.Registry(root, manifest_checker(tiny_base, 8))
+    assert [registry.resolve(ref).ref for ref in ("mine", "mine@2", "other", "other@3")] == [
+        "mine@10", "mine@2", "other@3", "other@3"]
+    for missing in ("mine@3", "nobody", "nobody@1"):
+        with pytest.raises(reg.AdapterNotFound):
+            registry.resolve(missing)
+    shutil.rmtree(root / "mine" / "10")
+    registry.refresh()
+    assert registry.resolve("mine").ref == "mine@2"
+    with pytest.raises(reg.AdapterNotFound):
+        registry.resolve("mine@10")
+
+
 def test_push_list_remove_cli(tiny_base, tmp_path, capsys, monkeypatch):
     source = make_bundle(tiny_base, tmp_path / "src", "a")
     registry = tmp_path / "adapters"
