@@ -36,6 +36,8 @@ def normalise(sequence: str, where: str = "sequence") -> str:
     seq = sequence.strip().upper()
     if not seq:
         raise SequenceError(f"{where}: empty sequence")
+    if RESIDUES.issuperset(seq):  # the common case, in C; the loop below only names the culprit
+        return seq
     for pos, ch in enumerate(seq):
         if ch not in RESIDUES:
             raise SequenceError(
