@@ -507,12 +507,13 @@ def serving_graphed(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[s
             out["wrong_answers"] += wrong
             if wrong:
                 failures.append(f"{size}: {wrong} graphed answers differ from eager ones")
-            rate = {key: value["residues_per_s"] for key, value in result.items() if isinstance(value, dict)
-                    and "residues_per_s" in value}
+            def ratio(a: str, b: str) -> float:
+                return round(result[a]["residues_per_s"] / result[b]["residues_per_s"], 3)
+
             for label in ("eager", "graphed"):
-                result[f"mixed{k}_over_merged_{label}"] = round(rate[f"{label}_mixed_{k}"] / rate[f"{label}_merged_1"], 3)
+                result[f"mixed{k}_over_merged_{label}"] = ratio(f"{label}_mixed_{k}", f"{label}_merged_1")
             for traffic in (f"mixed_{k}", "merged_1"):
-                result[f"graphed_over_eager_{traffic}"] = round(rate[f"graphed_{traffic}"] / rate[f"eager_{traffic}"], 3)
+                result[f"graphed_over_eager_{traffic}"] = ratio(f"graphed_{traffic}", f"eager_{traffic}")
     return failures
 
 

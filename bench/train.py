@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling.alphabet import tokenize
 from modeling.base import load_base
+from modeling.cuda_graphs import capture
 from modeling.heads import HeadSpec, PER_RESIDUE
 from modeling.lora import LoraSpec, add_lora
 from modeling.model import TaskModel
@@ -112,17 +113,12 @@ class GraphedStepper(Stepper):
         self.tokens = example.to(self.device).clone()  # the captured input: batches are copied in
         params = trainable(model)
         initial = [p.detach().clone() for p in params]
-        side = torch.cuda.Stream(self.device)  # warm-up off the default stream, as capture requires
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.train(self.tokens, autocast_cache=False)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)  # backward in the graph writes fresh gradients
-        with torch.cuda.graph(self.graph):
-            self.captured_loss = self.train(self.tokens, autocast_cache=False)
+
+        def one_step() -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)  # backward in the graph writes fresh gradients
+            return self.train(self.tokens, autocast_cache=False)
+
+        self.graph, self.captured_loss = capture(one_step, self.device, warmup)
         with torch.no_grad():
             for param, value in zip(params, initial):
                 param.copy_(value)

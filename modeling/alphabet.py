@@ -36,13 +36,10 @@ def normalise(sequence: str, where: str = "sequence") -> str:
     seq = sequence.strip().upper()
     if not seq:
         raise SequenceError(f"{where}: empty sequence")
-    if RESIDUES.issuperset(seq):  # the common case, in C; the loop below only names the culprit
-        return seq
-    for pos, ch in enumerate(seq):
-        if ch not in RESIDUES:
-            raise SequenceError(
-                f"{where}: invalid residue {ch!r} at position {pos + 1} "
-                f"(valid: {''.join(sorted(RESIDUES))})", char=ch)
+    if not RESIDUES.issuperset(seq):  # checked in C; the scan below only names the culprit
+        pos, ch = next((pos, ch) for pos, ch in enumerate(seq) if ch not in RESIDUES)
+        raise SequenceError(f"{where}: invalid residue {ch!r} at position {pos + 1} "
+                            f"(valid: {''.join(sorted(RESIDUES))})", char=ch)
     return seq
 
 

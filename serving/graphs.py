@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from modeling.alphabet import tokenize
+from modeling.cuda_graphs import capture
 from serving.multilora import SlotContext
 
 ROW_STEP, POSITION_STEP = 8, 64
@@ -87,18 +88,7 @@ class EncoderGraphs:
         start = time.perf_counter()
         tokens = tokens.clone()
         slots = None if slots is None else slots.clone()
-        # Warm-up off the default stream, as capture requires (cuBLAS and attention pick their kernels).
-        side = torch.cuda.Stream(tokens.device)
-        side.wait_stream(torch.cuda.current_stream(tokens.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward(encoder, tokens, slots)
-        torch.cuda.current_stream(tokens.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the adapter-prefetch thread may copy into free slots meanwhile (other slots
-        # than this batch's, which hold references) without spoiling the capture.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            output = self._forward(encoder, tokens, slots)
+        graph, output = capture(lambda: self._forward(encoder, tokens, slots), tokens.device, warmup=2, pool=self.pool)
         self.captures += 1
         self.capture_s += time.perf_counter() - start
         return _Graph(weakref.ref(encoder), graph, tokens, slots, output)
