@@ -29,6 +29,7 @@ bench: $(STAMP)  # each prints one JSON object; minutes each on 2 CPU cores
 	$(PY) -m bench.train
 	$(PY) -m bench.engine
 	$(PY) -m bench.grpc
+	$(PY) -m bench.cold_load
 	$(PY) -m bench.peer  # installs esm.cpp into .peer-venv on first use
 
 # The GPU check (bench/gpu_check.py) on a CUDA machine whose python3 has torch, peft and safetensors

@@ -311,7 +311,10 @@ class Engine:
         return adapter
 
     def _read(self, ref: str, folder: Path) -> LoadedAdapter:
-        bundle = bundles.read_bundle(folder)  # checksums, safetensors only
+        # Checksums and safetensors only; the adapter is packed while its checksums are computed.
+        return bundles.read_bundle(folder, lambda bundle: self._adapter(ref, folder, bundle))
+
+    def _adapter(self, ref: str, folder: Path, bundle: bundles.Bundle) -> LoadedAdapter:
         reason = manifest_checker(self.base, self.config.r_max, self.config.targets)(bundle.manifest)
         if reason:
             raise bundles.BundleError(reason)
@@ -338,8 +341,9 @@ class Engine:
         # Packed once here, so a device slot fills with one copy; pinned so that copy is asynchronous.
         lora = self.slot_store.pack(layers, scale, pin=self.device.type == "cuda") if layers else None
         nbytes = lora.nbytes if lora else 0
-        head = build_head(HeadSpec(**manifest["head"]))
-        head.load_state_dict(bundle.head)
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced
+            head = build_head(HeadSpec(**manifest["head"]))
+        head.load_state_dict(bundle.head, assign=True)
         head = head.to(self.device, self.dtype).eval()
         nbytes += sum(p.numel() * p.element_size() for p in head.parameters())
         return LoadedAdapter(ref, manifest, lora, head, nbytes, Path(folder), lora is not None)

@@ -56,3 +56,13 @@ def test_a_training_step_never_makes_the_host_wait_so_a_cuda_graph_can_capture_i
         out[mask]  # the old loss's selection of real residues
         residues(stepper.model.encoder(tokens), mask.sum(-1))  # the width read back from the lengths
     assert syncs.found == ["aten.index.Tensor", "aten._local_scalar_dense.default"]
+
+
+def test_cold_load_bench_loads_each_adapter_both_ways_and_restores_the_digest_pool():
+    from bench.cold_load import main
+    from modeling import bundle
+
+    pool = bundle._HASHERS
+    out = main(["--adapters", "2", "--layers", "2", "--width", "64", "--rank", "4"])
+    assert bundle._HASHERS is pool
+    assert out["cold_load_ms"]["sequential"] > 0 and out["cold_load_ms"]["overlapped"] > 0

@@ -138,3 +138,30 @@ def test_the_finiteness_check_names_the_tensor_and_survives_overflowing_sums():
         poisoned = torch.ones(5, dtype=torch.bfloat16)
         poisoned[3] = bad
         assert first_non_finite({"a": torch.ones(3), "big": big, "b": poisoned, "c": poisoned}) == "b"
+
+
+def test_what_is_prepared_while_the_checksums_run_is_kept_only_if_they_match(tiny_base_dir, tmp_path):
+    folder = make_bundle(load_base(str(tiny_base_dir)), tmp_path / "adapters", "a", rank=2)
+    prepared = []
+
+    def keep(bundle):
+        prepared.append(bundle)
+        return "kept"
+
+    def refuse(bundle):
+        raise bundles.BundleError("prepare refused it")
+
+    assert bundles.read_bundle(folder, keep) == "kept" and prepared[0].adapter
+    with pytest.raises(bundles.BundleError, match="prepare refused it"):
+        bundles.read_bundle(folder, refuse)
+    # A changed value in a still-valid safetensors file: parsed and prepared, then refused.
+    rewrite_adapter(folder, lambda t: t[first_a(t)].add_(1))
+    manifest = json.loads((folder / bundles.MANIFEST).read_text())
+    manifest["files"][ADAPTER] = "0" * 64
+    (folder / bundles.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(bundles.BundleError, match="checksum mismatch"):
+        bundles.read_bundle(folder, keep)
+    assert len(prepared) == 2  # it ran, and its result was dropped
+    with pytest.raises(bundles.BundleError, match="checksum mismatch") as refused:
+        bundles.read_bundle(folder, refuse)  # the mismatch is the reason given, not prepare's error
+    assert "prepare refused it" in str(refused.value.__cause__)
