@@ -219,10 +219,11 @@ def read_bundle(folder: Path, prepare: Callable[[Bundle], T] = lambda bundle: bu
 
 
 def parse_bundle(folder: Path, manifest: dict, contents: dict[str, bytes]) -> Bundle:
-    """The bundle's tensors and config from its files' bytes, each checked for dtype and finiteness."""
+    """The bundle's tensors and config from its files' bytes, each checked for dtype and finiteness.
+    Each file's bytes leave `contents` once parsed (a full fine-tune's are the whole encoder)."""
     def tensors(fname: str) -> dict[str, torch.Tensor]:
         try:
-            group = load(contents[fname]) if fname in contents else {}
+            group = load(contents.pop(fname)) if fname in contents else {}
         except Exception as exc:  # safetensors raises its own error types
             raise BundleError(f"{folder}: {fname} is not a valid safetensors file ({exc})") from exc
         for key, tensor in group.items():  # checksums prove integrity, not sanity
@@ -235,7 +236,7 @@ def parse_bundle(folder: Path, manifest: dict, contents: dict[str, bytes]) -> Bu
     config = None
     if ADAPTER_CONFIG in contents:
         try:
-            config = json.loads(contents[ADAPTER_CONFIG])
+            config = json.loads(contents.pop(ADAPTER_CONFIG))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{folder}: {ADAPTER_CONFIG} is not valid JSON ({exc})") from exc
     return Bundle(folder, manifest, config, tensors(ADAPTER_WEIGHTS), tensors(HEAD_WEIGHTS),
