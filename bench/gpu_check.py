@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 
 from bench.engine import NaivePeft, cold_load_ms, publish_random_adapters, rates, sequences, weights_bytes
-from bench.train import GraphedStepper, HostSyncs, Stepper, real_batches, stepper_for, task_model_for, trainable
+from bench.train import GraphedStepper, Stepper, real_batches, stepper_for, task_model_for, trainable
 from modeling.base import Base, load_base, save_hf_folder
+from modeling.cuda_graphs import HostSyncs
 from modeling.encoder import EncoderShape, EsmEncoder, stock_fair_esm
 from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
 from serving.engine import Engine, EngineConfig, NoFreeSlot

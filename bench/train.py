@@ -15,7 +15,6 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling.alphabet import tokenize
 from modeling.base import load_base
@@ -32,27 +31,6 @@ def real_batches(n: int, batch: int, length: int, seed: int = 0) -> list[torch.T
     records = [r for r in load_splits(TASKS["sec_str"])["train"] if len(r.sequence) >= length]
     rng = random.Random(seed)
     return [tokenize([rng.choice(records).sequence[:length] for _ in range(batch)]) for _ in range(n)]
-
-
-class HostSyncs(TorchDispatchMode):
-    """Records the aten operations that, on a GPU, make the host wait for the device: a value read
-    back (.item(), int(), bool()) or an output whose size depends on the data (nonzero, boolean
-    indexing). One of them in a step forbids capturing it as a CUDA graph."""
-
-    WAITS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero",
-             "aten.equal", "aten._unique", "aten.unique", "aten.repeat_interleave")
-
-    def __init__(self):
-        super().__init__()
-        self.found: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        boolean_index = name.startswith(("aten.index.", "aten.index_put")) and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))
-        if name.startswith(self.WAITS) or boolean_index:
-            self.found.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -1,10 +1,12 @@
-"""Capturing a CUDA graph the way torch requires it; shared by the serving engine's encoder passes
-(serving/graphs.py) and the training-step bench (bench/train.py)."""
+"""Capturing a CUDA graph the way torch requires it, and finding on the CPU what would forbid it;
+shared by the serving engine's encoder passes (serving/graphs.py) and the training-step bench
+(bench/train.py)."""
 from __future__ import annotations
 
 from typing import Callable, TypeVar
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 T = TypeVar("T")
 
@@ -25,3 +27,24 @@ def capture(run: Callable[[], T], device: torch.device, warmup: int, pool=None) 
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         output = run()
     return graph, output
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the aten operations that, on a GPU, make the host wait for the device: a value read
+    back (.item(), int(), bool()) or an output whose size depends on the data (nonzero, boolean
+    indexing). One of them in a step forbids capturing it as a CUDA graph."""
+
+    WAITS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero",
+             "aten.equal", "aten._unique", "aten.unique", "aten.repeat_interleave")
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        boolean_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))
+        if name.startswith(self.WAITS) or boolean_index:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))

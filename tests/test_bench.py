@@ -41,7 +41,8 @@ def test_a_training_step_never_makes_the_host_wait_so_a_cuda_graph_can_capture_i
     import torch
 
     from bench.gpu_check import random_base
-    from bench.train import HostSyncs, real_batches, stepper_for
+    from bench.train import real_batches, stepper_for
+    from modeling.cuda_graphs import HostSyncs
     from modeling.encoder import EncoderShape
     from modeling.heads import residues
 

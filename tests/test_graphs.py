@@ -1,6 +1,7 @@
 """The CPU half of serving/graphs.py: the padding a CUDA graph's bucket adds changes no real row, and
 the engine around the graphs (buckets, static inputs, LRU, merged copies) answers as the eager one
-with a stand-in graph that re-runs its pass. Real capture and replay need a GPU: bench.gpu_check's
+with a stand-in graph that re-runs its pass, and no operation in the captured pass makes the host
+wait for the device (which fails a capture). Real capture and replay need a GPU: bench.gpu_check's
 serving_graphed part checks them there against the eager engine."""
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from conftest import random_sequences
 from modeling.alphabet import CLS, EOS, PAD, tokenize
 from modeling.base import load_base
+from modeling.cuda_graphs import HostSyncs
 from modeling.lora import ATTENTION_TARGETS
 from serving.engine import Engine, EngineConfig
 from serving.graphs import bucket, padded_batch
@@ -80,8 +82,12 @@ def test_engine_replays_answer_as_the_eager_engine(tiny_base_dir, tmp_path, monk
         monkeypatch.setattr(torch.cuda, name, value)
     capture = graphs.EncoderGraphs._capture
 
+    waits = []
+
     def capture_for_rerun(self, encoder, tokens, slots):
-        entry = capture(self, encoder, tokens, slots)
+        with HostSyncs() as syncs:  # on a GPU a wait inside the captured pass makes capture fail
+            entry = capture(self, encoder, tokens, slots)
+        waits.extend(syncs.found)
         entry.graph.rerun = lambda: self._forward(encoder, entry.tokens, entry.slots)
         entry.graph.output = entry.output.fill_(float("nan"))
         return entry
@@ -99,6 +105,7 @@ def test_engine_replays_answer_as_the_eager_engine(tiny_base_dir, tmp_path, monk
     engine.merge(names[0])  # its own encoder: graphs of its own
     runs.append(engine.predict(requests))
     assert engine.graphs.captures > 3 and len(engine.graphs.graphs) == 3  # evicted and captured again
+    assert waits == []
     for got in runs:
         for want, have in zip(expected, got, strict=True):
             assert have.labels == want.labels
