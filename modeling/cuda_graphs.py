@@ -32,7 +32,7 @@ def capture(run: Callable[[], T], device: torch.device, warmup: int, pool=None) 
 class HostSyncs(TorchDispatchMode):
     """Records the aten operations that, on a GPU, make the host wait for the device: a value read
     back (.item(), int(), bool()) or an output whose size depends on the data (nonzero, boolean
-    indexing). One of them in a step forbids capturing it as a CUDA graph."""
+    indexing). One of them in a training step or a serving pass forbids capturing it as a CUDA graph."""
 
     WAITS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero",
              "aten.equal", "aten._unique", "aten.unique", "aten.repeat_interleave")
