@@ -16,25 +16,15 @@ import json
 import os
 import statistics
 import tempfile
-from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 
-from bench.engine import cold_load_ms, publish_random_adapters
+from bench.engine import both_ways, cold_load_ms, publish_random_adapters
 from bench.gpu_check import random_base
 from modeling import bundle as bundles
 from modeling.encoder import EncoderShape
 from serving.engine import Engine, EngineConfig
-
-
-class Inline:
-    """An executor that runs each digest at once, on the calling thread: the sequential way."""
-
-    def submit(self, fn, *args) -> Future:
-        done = Future()
-        done.set_result(fn(*args))
-        return done
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,17 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
         engine = Engine(base, registry, EngineConfig(r_max=args.rank, dtype="bfloat16",
                                                      max_device_adapters=2 * args.adapters + 2))
         cold_load_ms(engine, names[:2])  # warm-up
-        overlapped = bundles._HASHERS
-        times: dict[str, list[float]] = {"sequential": [], "overlapped": []}
-        for i, name in enumerate(names[2:]):
-            way = "sequential" if i % 2 else "overlapped"
-            bundles._HASHERS = Inline() if way == "sequential" else overlapped
-            try:
-                times[way] += cold_load_ms(engine, [name])["total"]
-            finally:
-                bundles._HASHERS = overlapped
+        times = both_ways(engine, names[2:])
         adapter_mb = (registry / names[0] / "1" / bundles.ADAPTER_WEIGHTS).stat().st_size / 2**20
-    medians = {way: round(statistics.median(ms), 2) for way, ms in times.items()}
+    medians = {way: round(statistics.median(ms["total"]), 2) for way, ms in times.items()}
     out = {"shape": f"{shape.num_layers}x{shape.embed_dim}", "rank": args.rank, "adapter_mb": round(adapter_mb, 1),
            "torch_threads": args.threads, "cpus": os.cpu_count(), "adapters_per_way": args.adapters,
            "cold_load_ms": medians,

@@ -17,6 +17,7 @@ import resource
 import statistics
 import tempfile
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -167,6 +168,32 @@ def cold_load_ms(engine: Engine, names: list[str]) -> dict[str, list[float]]:
         if engine.device.type == "cuda":  # the slot copy runs on a side stream: usable once it landed
             torch.cuda.synchronize(engine.device)
         times["total"].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+class Inline:
+    """An executor that runs each digest at once, on the calling thread: the sequential way."""
+
+    def submit(self, fn, *args) -> Future:
+        done = Future()
+        done.set_result(fn(*args))
+        return done
+
+
+def both_ways(engine: Engine, names: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Cold loads of `names` (never seen by `engine`), alternating between the digests beside the
+    parsing ("overlapped", what read_bundle does) and before it ("sequential"): per way, what
+    cold_load_ms measures."""
+    overlapped = bundles._HASHERS
+    times = {way: {"total": [], "read": []} for way in ("overlapped", "sequential")}
+    for i, name in enumerate(names):
+        way = "sequential" if i % 2 else "overlapped"
+        bundles._HASHERS = Inline() if way == "sequential" else overlapped
+        try:
+            for key, ms in cold_load_ms(engine, [name]).items():
+                times[way][key] += ms
+        finally:
+            bundles._HASHERS = overlapped
     return times
 
 
