@@ -529,7 +529,8 @@ def training_graphed(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[
     fine-tuning cost once the host no longer launches every kernel (`training` found both host-bound).
     First the precondition, on the small base: no step makes the host wait for the device. Then, on
     CUDA, the capture against eager steps from the same weights (float32, dropout off, a large
-    learning rate so that a missed update shows) and speed at the 650M shape as in `training`."""
+    learning rate so that a missed update shows), within ten times what two eager runs differ by
+    (or 1e-4), and speed at the 650M shape as in `training`."""
     t = plan.train
     failures = []
     small = bases.get("8M", plan.device).encoder.to(plan.device)
@@ -548,28 +549,39 @@ def training_graphed(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[
     batches = real_batches(3, t["batch"], t["length"], seed=1)
     for mode in ("lora", "full"):
         clock.check(f"graph against eager {mode}")
-        eager_model = task_model_for(copy.deepcopy(small), mode, t["rank"])
-        for module in eager_model.modules():
+        model = task_model_for(copy.deepcopy(small), mode, t["rank"])
+        for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-        graph_model = copy.deepcopy(eager_model)
-        initial = [p.detach().clone() for p in trainable(graph_model)]
-        eager = Stepper(eager_model, foreach=True, lr=1e-2)
-        graphed = GraphedStepper(graph_model, batches[0], lr=1e-2)
-        losses = []
+        initial = [p.detach().clone() for p in trainable(model)]
+        # Two eager runs give the noise floor (backward kernels that add with atomics need not
+        # repeat bit for bit, and AdamW turns a flipped sign of a near-zero gradient into a whole
+        # step); the eager runs use the graphed run's optimiser settings (capturable AdamW).
+        runs = {"eager": Stepper(copy.deepcopy(model), foreach=True, lr=1e-2, capturable=True),
+                "eager_again": Stepper(copy.deepcopy(model), foreach=True, lr=1e-2, capturable=True),
+                "graphed": GraphedStepper(copy.deepcopy(model), batches[0], lr=1e-2)}
+        losses = {name: [] for name in runs}
         for batch in batches:
-            eager.step(batch)
-            graphed.step(batch)
-            losses.append([float(eager.loss), float(graphed.loss)])
-        apart = max((a - b).abs().max().item() for a, b in zip(trainable(eager_model), trainable(graph_model)))
-        moved = max((a - b).abs().max().item() for a, b in zip(initial, trainable(graph_model)))
-        loss_apart = max(abs(e - g) / abs(e) for e, g in losses)
-        out[f"{mode}_graph_vs_eager"] = {"losses": losses, "loss_relative": loss_apart, "weights_max_abs": apart,
+            for name, stepper in runs.items():
+                stepper.step(batch)
+                losses[name].append(float(stepper.loss))
+        final = {name: trainable(stepper.model) for name, stepper in runs.items()}
+
+        def apart(a: str, b: str) -> dict:
+            weights = max((x - y).abs().max().item() for x, y in zip(final[a], final[b]))
+            loss = max(abs(x - y) for x, y in zip(losses[a], losses[b])) / abs(losses[a][0])
+            return {"weights_max_abs": weights, "loss_over_first_loss": loss}
+
+        moved = max((a - b).abs().max().item() for a, b in zip(initial, final["graphed"]))
+        graphed, floor = apart("eager", "graphed"), apart("eager", "eager_again")
+        out[f"{mode}_graph_vs_eager"] = {"losses": losses, **graphed, "eager_vs_eager": floor,
                                          "weights_moved_max_abs": moved}
-        if not (loss_apart <= 1e-4 and apart <= 1e-4 and moved > 1e-3):
-            failures.append(f"{mode}: graphed steps differ from eager ones (loss {loss_apart:.2e}, "
-                            f"weights {apart:.2e}, moved {moved:.2e})")
-        del eager, graphed, eager_model, graph_model
+        if not (graphed["loss_over_first_loss"] <= max(1e-4, 10 * floor["loss_over_first_loss"])
+                and graphed["weights_max_abs"] <= max(1e-4, 10 * floor["weights_max_abs"]) and moved > 1e-3):
+            failures.append(f"{mode}: graphed steps differ from eager ones (loss {graphed['loss_over_first_loss']:.2e}, "
+                            f"weights {graphed['weights_max_abs']:.2e}; eager twice: loss "
+                            f"{floor['loss_over_first_loss']:.2e}, weights {floor['weights_max_abs']:.2e}; moved {moved:.2e})")
+        del runs, model
     batches = real_batches(t["steps"] + 1, t["batch"], t["length"])
     out.update(batch=t["batch"], length=t["length"], rank=t["rank"], precision="bf16-mixed")
     for mode in ("lora", "full"):
