@@ -60,7 +60,7 @@ class EncoderGraphs:
         self.context, self.gather, self.capacity = context, gather, capacity
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.captures, self.capture_s, self.replays = 0, 0.0, 0
+        self.captures, self.capture_s = 0, 0.0
 
     def run(self, encoder: nn.Module, tokens: torch.Tensor, slots: torch.Tensor | None, variant: tuple) -> torch.Tensor:
         """encoder(tokens) with the slots' adapters (None: the encoder alone), as a graph replay.
@@ -78,7 +78,6 @@ class EncoderGraphs:
         if slots is not None:
             entry.slots.copy_(slots)
         entry.graph.replay()
-        self.replays += 1
         return entry.output.clone()
 
     def _forward(self, encoder: nn.Module, tokens: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
