@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from modeling import bundle as bundles
+from modeling import registry as store
 from modeling.base import load_base
 
 REGISTRY = "adapters"
@@ -29,7 +30,7 @@ SEQUENCES = ["MQIFVKTLTGKTITLEVEPSDTIENVKAKIQDKEGIPPDQQRLIFAGKQLEDGRTLSDYNIQKEST
 
 def train_or_reuse() -> None:
     base = load_base(None)
-    published = bundles.versions(REGISTRY, NAME)
+    published = store.versions(REGISTRY, NAME)
     if published:
         manifest = bundles.read_manifest(Path(REGISTRY) / NAME / str(published[-1]))
         if manifest["base"]["fingerprint"] == base.fingerprint:

@@ -31,7 +31,7 @@ from bench.grpc import load
 from modeling.base import load_base
 from serving import serve as service
 from serving.engine import Engine, EngineConfig
-from serving.ports import free_port
+from serving.serve.ports import free_port
 
 
 def engine_rate(base_spec, registry: Path, names: list[str], seqs: list[str]) -> dict:

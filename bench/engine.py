@@ -24,6 +24,7 @@ import torch
 from esm.model.esm2 import ESM2
 
 from modeling import bundle as bundles
+from modeling import registry as store
 from modeling.alphabet import tokenize
 from modeling.base import load_base
 from modeling.encoder import reset_rotary_caches, stock_fair_esm
@@ -80,10 +81,10 @@ def publish_random_adapters(base, registry: Path, count: int, rank: int | list[i
         tensors = {bundles.HEAD_WEIGHTS: head.state_dict()}
         if lora:
             tensors[bundles.ADAPTER_WEIGHTS] = random_lora_tensors(shape, spec, generator)
-        staged = bundles.staging_dir(registry)
+        staged = store.staging_dir(registry)
         bundles.write_bundle(staged, manifest, tensors,
                              {bundles.ADAPTER_CONFIG: adapter_config(spec, shape.num_layers)} if lora else {})
-        bundles.publish(staged, registry, f"{prefix}{i}")
+        store.publish(staged, registry, f"{prefix}{i}")
         names.append(f"{prefix}{i}")
     return names
 
@@ -333,8 +334,8 @@ def main() -> None:
         fresh = Engine(load_base(args.base), registry, EngineConfig(**config))
 
         # ONNX vs torch, merged, batch 8 x 256
-        from serving.export_onnx import export
-        from serving.onnx_runner import OnnxModel
+        from serving.batch.export_onnx import export
+        from serving.engine.onnx_runner import OnnxModel
         onnx_path = export(fresh, warm64[0], Path(tmp) / "m.onnx")
         onnx_model = OnnxModel(onnx_path)
         torch_model = fresh.merged_encoder(fresh.load(warm64[0]))

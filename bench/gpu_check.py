@@ -475,7 +475,7 @@ def training(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
 
 def serving_graphed(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[str]:
     """The engine replaying its encoder passes from CUDA graphs (EngineConfig.cuda_graphs,
-    serving/graphs.py) against the same engine eager, bfloat16, on bench.engine's traffic: first the
+    serving/engine/graphs.py) against the same engine eager, bfloat16, on bench.engine's traffic: first the
     answers (bf16 tolerance: padding a batch to its graph's bucket may change which kernels run),
     then one adapter merged and 64 mixed, each way. On the CPU (smoke) both engines run eager, so
     the part's code runs and nothing is claimed. First of all, the stress part with graphs."""

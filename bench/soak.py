@@ -21,9 +21,9 @@ from pathlib import Path
 
 from bench.engine import publish_random_adapters, sequences
 from bench.grpc import InFlight, percentile
-from serving.ports import free_port
+from serving.serve.ports import free_port
+from modeling import registry as store
 from modeling.base import load_base
-from serving import registry as reg
 from serving import serve as service
 
 WINDOW_S = 30
@@ -111,7 +111,7 @@ def main() -> None:
                     if len(uploaded) > 4:
                         load.retire(uploaded[0])
                         time.sleep(0.5)  # let calls already naming it finish
-                        reg.remove(uploaded.pop(0), registry)
+                        store.remove(registry, uploaded.pop(0))
                     next_upload += args.upload_every
                 if now >= next_window:
                     windows.append(window_stats(load.flight.records, next_window - WINDOW_S, round(now - start)))

@@ -5,18 +5,15 @@ A bundle is a folder of safetensors + JSON (never pickles):
   head.safetensors                                the task head
   positions.safetensors                           optional: raw `add`-strategy vectors (training only)
   manifest.json                                   written LAST; lists sha256 of every other file
-In a registry, bundles live at <registry>/<name>/<version>/ with integer versions, and are
-published by writing a staging folder inside the registry and renaming it into place.
+Where bundles live in a registry, and how they are published there: modeling/registry.py.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
-import shutil
-import tempfile
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +23,7 @@ from typing import TypeVar
 import torch
 from safetensors.torch import load, save_file
 
-from modeling.heads import KINDS
+from modeling.heads import KINDS, PER_RESIDUE, REGRESSION, HeadSpec
 
 FORMAT = "esm-adapters/bundle@1"
 MANIFEST = "manifest.json"
@@ -35,8 +32,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEAD_WEIGHTS = "head.safetensors"
 POSITIONS = "positions.safetensors"
 ENCODER_WEIGHTS = "encoder.safetensors"  # full fine-tuning only: the whole encoder
-STAGING = ".staging"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODES = ("lora", "frozen", "full")
 
 
@@ -54,24 +49,6 @@ def shown(text: str, limit: int = 80) -> str:
     return repr(text[:limit]) + (f" ({len(text)} characters)" if len(text) > limit else "")
 
 
-def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise BundleError(f"invalid adapter name {shown(str(name))}: use 1-64 letters, digits, '-', '_' "
-                          f"or '.', starting with a letter or digit")
-    return name
-
-
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """'NAME' -> (NAME, None = newest); 'NAME@VERSION' -> (NAME, VERSION)."""
-    name, sep, version = ref.partition("@")
-    validate_name(name)
-    if not sep:
-        return name, None
-    if not version.isdigit() or len(version) > 9 or int(version) < 1:
-        raise BundleError(f"invalid version in {shown(ref)}: expected a positive integer")
-    return name, int(version)
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -80,44 +57,144 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _require(manifest: dict, key: str, kind: type | tuple):
-    if key not in manifest:
-        raise BundleError(f"manifest: missing {key!r}")
-    if not isinstance(manifest[key], kind):
-        raise BundleError(f"manifest: {key!r} has the wrong type")
-    return manifest[key]
+MAX_MANIFEST_BYTES = 1 << 20  # a real manifest is a few KB (its training config included)
+MAX_JSON_DEPTH = 32
+MAX_RANK = 4096  # a sanity bound; a server refuses ranks above its own r_max anyway
+MAX_LABELS = 4096
+MAX_TEXT = 256
+MAX_FILES = 16
+DIGEST = re.compile(r"^[0-9a-f]{64}$")
+FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _depth(value, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of parsed JSON, walked without recursion (a deep document must not blow the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def _get(mapping: dict, key: str, kind, where: str, required: bool = True):
+    if key not in mapping:
+        if required:
+            raise BundleError(f"manifest: missing {where}{key}")
+        return None
+    value = mapping[key]
+    # bool is an int in Python, never what a numeric field means
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        raise BundleError(f"manifest: {where}{key} must be {_type_name(kind)}, not {type(value).__name__}")
+    return value
+
+
+def _type_name(kind) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list",
+             bool: "true or false", type(None): "null"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _number(mapping: dict, key: str, where: str, low: float, high: float, integer: bool = False,
+            required: bool = True):
+    value = _get(mapping, key, int if integer else (int, float), where, required)
+    if value is None:
+        return None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise BundleError(f"manifest: {where}{key}={shown(str(value), 24)} is outside [{low}, {high}]")
+    return value
+
+
+def _text(mapping: dict, key: str, where: str, required: bool = True, limit: int = MAX_TEXT):
+    value = _get(mapping, key, str, where, required)
+    if value is not None and len(value) > limit:
+        raise BundleError(f"manifest: {where}{key} is longer than {limit} characters")
+    return value
 
 
 def check_manifest(manifest: dict) -> dict:
-    """Schema check; returns the manifest. Raises BundleError naming the first problem."""
+    """The schema of a manifest: every field the registry, the engine and the listing read, with its
+    type and range, so that nothing read later can raise on a manifest that passed. Returns the
+    manifest; raises BundleError naming the first problem."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"manifest: format is not {FORMAT!r}")
-    _require(manifest, "task", str)
-    mode = _require(manifest, "mode", str)
+    if _depth(manifest) > MAX_JSON_DEPTH:
+        raise BundleError(f"manifest: nested deeper than {MAX_JSON_DEPTH} levels")
+    _text(manifest, "task", "")
+    mode = _text(manifest, "mode", "")
     if mode not in MODES:
-        raise BundleError(f"manifest: mode {mode!r} not in {MODES}")
-    output = _require(manifest, "output", dict)
-    if output.get("kind") not in KINDS:
+        raise BundleError(f"manifest: mode {shown(mode, 20)} not in {MODES}")
+    _text(manifest, "name", "", required=False, limit=64)
+    _number(manifest, "version", "", 1, 2**63 - 1, integer=True, required=False)
+    output = _get(manifest, "output", dict, "")
+    kind = _text(output, "kind", "output.")
+    if kind not in KINDS:
         raise BundleError(f"manifest: output.kind must be one of {KINDS}")
-    if not isinstance(output.get("labels"), list):
-        raise BundleError("manifest: output.labels must be a list")
-    _require(manifest, "head", dict)
-    base = _require(manifest, "base", dict)
-    if not isinstance(base.get("fingerprint"), str) or len(base["fingerprint"]) != 64:
+    labels = _get(output, "labels", list, "output.")
+    if len(labels) > MAX_LABELS or not all(isinstance(label, str) and 0 < len(label) <= MAX_TEXT for label in labels):
+        raise BundleError(f"manifest: output.labels must be at most {MAX_LABELS} non-empty strings")
+    if len(set(labels)) != len(labels):
+        raise BundleError("manifest: output.labels repeat a label")
+    if kind == PER_RESIDUE and any(len(label) != 1 for label in labels):
+        raise BundleError("manifest: per-residue labels are one character each")
+    if kind == REGRESSION:
+        if labels:
+            raise BundleError("manifest: a regression has no output.labels")
+        _number(output, "target_mean", "output.", -1e30, 1e30, required=False)
+        _number(output, "target_std", "output.", 1e-30, 1e30, required=False)
+    elif len(labels) < 2:
+        raise BundleError(f"manifest: {kind} needs at least two output.labels")
+    check_head(_get(manifest, "head", dict, ""), kind, len(labels) or 1)
+    base = _get(manifest, "base", dict, "")
+    if not DIGEST.match(_text(base, "fingerprint", "base.")):
         raise BundleError("manifest: base.fingerprint must be a sha256 hex string")
-    lora = manifest.get("lora")
-    if mode == "lora":
-        if not isinstance(lora, dict) or not isinstance(lora.get("rank"), int):
-            raise BundleError("manifest: lora.rank is required for a lora bundle")
-    files = _require(manifest, "files", dict)
+    lora = _get(manifest, "lora", (dict, type(None)), "", required=False)
+    if mode == "lora" and lora is None:
+        raise BundleError("manifest: lora is required for a lora bundle")
+    if lora is not None:
+        _number(lora, "rank", "lora.", 1, MAX_RANK, integer=True)
+        _number(lora, "alpha", "lora.", 1e-12, 1e12, required=False)
+        targets = _get(lora, "targets", list, "lora.", required=False) or []
+        if len(targets) > 64 or not all(isinstance(t, str) and len(t) <= 64 for t in targets):
+            raise BundleError("manifest: lora.targets must be a list of module names")
+    metrics = _get(manifest, "metrics", (dict, type(None)), "", required=False) or {}
+    if not all(isinstance(split, str) and isinstance(values, dict) for split, values in metrics.items()):
+        raise BundleError("manifest: metrics must map each split to an object of values")
+    files = _get(manifest, "files", dict, "")
+    if len(files) > MAX_FILES:
+        raise BundleError(f"manifest: more than {MAX_FILES} files")
     for fname, digest in files.items():
-        if "/" in fname or "\\" in fname or fname.startswith(".") or not isinstance(digest, str):
-            raise BundleError(f"manifest: bad file entry {fname!r}")
+        if not FILE_NAME.match(fname) or not isinstance(digest, str) or not DIGEST.match(digest):
+            raise BundleError(f"manifest: bad file entry {shown(fname, 40)}: a plain file name and its sha256")
     needed = {HEAD_WEIGHTS} | ({ADAPTER_CONFIG, ADAPTER_WEIGHTS} if mode == "lora" else set()) \
         | ({ENCODER_WEIGHTS} if mode == "full" else set())
     if missing := needed - set(files):
         raise BundleError(f"manifest: files {sorted(missing)} are required for mode {mode}")
     return manifest
+
+
+def check_head(head: dict, kind: str, outputs: int) -> HeadSpec:
+    """The head spec against the output it must produce: its keys, kind, sizes and output count."""
+    if unknown := set(head) - set(HeadSpec.__dataclass_fields__):
+        raise BundleError(f"manifest: unknown head keys {sorted(map(str, unknown))[:5]}")
+    if _text(head, "kind", "head.") != kind:
+        raise BundleError(f"manifest: head.kind {shown(head['kind'], 20)} does not match output.kind {kind!r}")
+    if _number(head, "num_outputs", "head.", 1, MAX_LABELS, integer=True) != outputs:
+        raise BundleError(f"manifest: head.num_outputs={head['num_outputs']} but the output has {outputs} "
+                          f"{'labels' if kind != REGRESSION else 'value'}")
+    _number(head, "embed_dim", "head.", 1, 1 << 16, integer=True)
+    _number(head, "hidden", "head.", 1, 1 << 16, integer=True, required=False)
+    _number(head, "dropout", "head.", 0, 1, required=False)
+    kernel = _number(head, "kernel", "head.", 1, 63, integer=True, required=False)
+    if kernel is not None and kernel % 2 == 0:
+        raise BundleError("manifest: head.kernel must be odd (the convolution keeps the sequence length)")
+    return HeadSpec(**head)
 
 
 def write_bundle(folder: Path, manifest: dict, tensors: dict[str, dict[str, torch.Tensor]],
@@ -159,16 +236,49 @@ def refuse_symlinks(*paths: Path) -> None:
             raise BundleError(f"{path} is a symlink; bundles must hold real files and folders")
 
 
-def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    refuse_symlinks(folder, path)
-    if not path.is_file():
-        raise BundleError(f"{folder}: no {MANIFEST}")
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_manifest(data: bytes, where: Path) -> dict:
+    """A manifest's bytes -> the checked manifest. Whatever the bytes (huge, deeply nested, numbers
+    of 10,000 digits, NaN), the only error raised is a BundleError saying what is wrong."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{where}: {MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{folder}: {MANIFEST} is not valid JSON ({exc})") from exc
+        manifest = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSON, UTF-8 and int-size errors are ValueErrors
+        raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({str(exc)[:120]})") from None
     return check_manifest(manifest)
+
+
+def identity_of(data: bytes) -> str:
+    """A version's content identity: the sha256 of its manifest's bytes, which list every other
+    file's sha256 (so two versions share an identity only if every byte they serve is the same)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_manifest_bytes(folder: Path) -> bytes:
+    path = Path(folder) / MANIFEST
+    refuse_symlinks(Path(folder), path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise BundleError(f"{folder}: no {MANIFEST}") from None
+    except IsADirectoryError:
+        raise BundleError(f"{folder}: {MANIFEST} is not a file") from None
+    return data
+
+
+def load_manifest(folder: Path) -> tuple[dict, str]:
+    """(checked manifest, identity) of the bundle in `folder`."""
+    data = read_manifest_bytes(folder)
+    return parse_manifest(data, Path(folder)), identity_of(data)
+
+
+def read_manifest(folder: Path) -> dict:
+    return load_manifest(folder)[0]
 
 
 def first_non_finite(group: dict[str, torch.Tensor]) -> str | None:
@@ -183,14 +293,19 @@ def first_non_finite(group: dict[str, torch.Tensor]) -> str | None:
     return next((key for key, tensor in group.items() if not torch.isfinite(tensor).all()), None)
 
 
-def read_bundle(folder: Path, prepare: Callable[[Bundle], T] = lambda bundle: bundle) -> T:
+def read_bundle(folder: Path, prepare: Callable[[Bundle], T] = lambda bundle: bundle, identity: str | None = None) -> T:
     """Load and verify a bundle: schema, every checksum, safetensors only. `prepare` (by default
     the bundle itself) turns the parsed bundle into what the caller keeps; it runs while the
     checksums are computed on other threads (a 650M adapter's sha256 is ~20 ms, as long as parsing
     and packing it), so it must change nothing outside what it returns: that is returned only once
-    every checksum matches, and a mismatch is reported before any error of parsing or `prepare`."""
+    every checksum matches, and a mismatch is reported before any error of parsing or `prepare`.
+    `identity`: the version's identity as listed; a manifest with other bytes is refused (a load
+    can then never serve other bytes under the identity that was listed)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    data = read_manifest_bytes(folder)
+    if identity is not None and identity_of(data) != identity:
+        raise BundleError(f"{folder}: {MANIFEST} changed after this version was listed")
+    manifest = parse_manifest(data, folder)
     for fname in manifest["files"]:  # before reading a byte: nothing else is ever deserialised
         if not fname.endswith((".safetensors", ".json")):
             raise BundleError(f"{folder}: {fname} is neither safetensors nor JSON")
@@ -241,39 +356,3 @@ def parse_bundle(folder: Path, manifest: dict, contents: dict[str, bytes]) -> Bu
             raise BundleError(f"{folder}: {ADAPTER_CONFIG} is not valid JSON ({exc})") from exc
     return Bundle(folder, manifest, config, tensors(ADAPTER_WEIGHTS), tensors(HEAD_WEIGHTS),
                   tensors(POSITIONS), tensors(ENCODER_WEIGHTS))
-
-
-def versions(registry: Path, name: str) -> list[int]:
-    folder = Path(registry) / validate_name(name)
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
-
-
-def staging_dir(registry: Path) -> Path:
-    """A private folder inside the registry (same filesystem, so the final rename is atomic)."""
-    root = Path(registry) / STAGING
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=root))
-
-
-def publish(staged: Path, registry: Path, name: str) -> Path:
-    """Atomically move a complete staged bundle to <registry>/<name>/<next version>."""
-    validate_name(name)
-    manifest = read_manifest(staged)
-    parent = Path(registry) / name
-    parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        version = (versions(registry, name) or [0])[-1] + 1
-        manifest.update(name=name, version=version)
-        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        try:
-            os.rename(staged, parent / str(version))  # fails if another publisher took the number
-            return parent / str(version)
-        except OSError:
-            time.sleep(0.01)
-    raise BundleError(f"could not publish {name}: too many concurrent publishers")
-
-
-def discard(staged: Path) -> None:
-    shutil.rmtree(staged, ignore_errors=True)

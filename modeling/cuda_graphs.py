@@ -1,5 +1,5 @@
 """Capturing a CUDA graph the way torch requires it, and finding on the CPU what would forbid it;
-shared by the serving engine's encoder passes (serving/graphs.py) and the training-step bench
+shared by the serving engine's encoder passes (serving/engine/graphs.py) and the training-step bench
 (bench/train.py)."""
 from __future__ import annotations
 

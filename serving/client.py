@@ -4,7 +4,7 @@
   python -m serving.client predict --adapter sec_str-r16,scl-frozen,bind-r16 --fasta proteome.fasta   (Annotate)
   python -m serving.client list [--target host:port]
   --token-file FILE (or $ESM_ADAPTERS_AUTH_TOKEN_FILE / $ESM_ADAPTERS_AUTH_TOKEN) when the service requires a token;
-  --tls or --tls-ca FILE for a TLS endpoint (serving.tls_front)
+  --tls or --tls-ca FILE for a TLS endpoint (serving.serve.tls_front)
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import grpc
 
 from esm_adapters.v1 import adapters_pb2 as pb
 from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
-from serving.auth import TokenCheck
+from serving.serve.auth import TokenCheck
 
 APP_METADATA = (("application", "esm-adapters"),)  # Ray Serve routes gRPC by application name
 # Every AdapterService call is idempotent (reads only), so a call that finds the service

@@ -11,11 +11,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling import bundle as bundles
+from modeling import registry as store
 from modeling.heads import HeadSpec, PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
 from modeling.lora import LoraSpec, add_lora, export_adapter
 from modeling.model import TaskModel
 
 LABELS = {PER_RESIDUE: ["H", "E", "C"], SEQUENCE_CLASS: ["a", "b", "c", "d"], REGRESSION: []}
+
+
+def refs(keys) -> set[str]:
+    """NAME@VERSION of each cache key (NAME@VERSION#identity) in an engine tier."""
+    return {key.partition("#")[0] for key in keys}
 
 
 def make_bundle(base, registry: Path, name: str, rank: int = 4, kind: str = PER_RESIDUE,
@@ -43,9 +49,9 @@ def make_bundle(base, registry: Path, name: str, rank: int = 4, kind: str = PER_
     manifest = {"task": "test", "mode": mode, "output": output, "head": model.head_spec.as_dict(),
                 "lora": spec.as_dict() if mode == "lora" else None,
                 "base": {"fingerprint": base.fingerprint}, "metrics": {}, **manifest_extra}
-    staged = bundles.staging_dir(registry)
+    staged = store.staging_dir(registry)
     bundles.write_bundle(staged, manifest, tensors, json_files)
-    return bundles.publish(staged, registry, name)
+    return store.publish(staged, registry, name)
 
 
 def make_constant_bundle(base, registry: Path, name: str, value: float, seed: int = 0) -> Path:
@@ -64,6 +70,6 @@ def make_constant_bundle(base, registry: Path, name: str, value: float, seed: in
         save_file(head, built / bundles.HEAD_WEIGHTS)
         manifest["files"] = {f: bundles.sha256_file(built / f) for f in manifest["files"]}
         (built / bundles.MANIFEST).write_text(json.dumps(manifest))
-        staged = bundles.staging_dir(registry)
+        staged = store.staging_dir(registry)
         shutil.copytree(built, staged, dirs_exist_ok=True)
-        return bundles.publish(staged, registry, name)
+        return store.publish(staged, registry, name)

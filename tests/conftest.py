@@ -11,7 +11,7 @@ import torch
 from modeling.alphabet import RESIDUES
 from modeling.base import Base, load_base
 from modeling.encoder import EncoderShape, EsmEncoder
-from serving import ports
+from serving.serve import ports
 
 TINY = EncoderShape(num_layers=2, embed_dim=32, attention_heads=4)
 STANDARD = "ACDEFGHIKLMNPQRSTVWY"
@@ -83,7 +83,7 @@ def free_port() -> int:
     """A port for a service a test starts, from a range no Ray process binds in: a port found by
     binding port 0 comes from the kernel's ephemeral range, where Ray's own processes bind too, and
     one of them took such a port before the proxy bound it (then every later test failed).
-    serving/ports.py says which ranges and why."""
+    serving/serve/ports.py says which ranges and why."""
     return ports.free_port()
 
 

@@ -1,6 +1,6 @@
 """Access on a real Ray Serve deployment. Bearer-token auth: every RPC refuses a missing or wrong
 token with UNAUTHENTICATED, accepts the right one, follows a rotated token file, counts refusals.
-TLS: terminated by serving.tls_front in front of the proxy. Limits: a full request queue answers
+TLS: terminated by serving.serve.tls_front in front of the proxy. Limits: a full request queue answers
 RESOURCE_EXHAUSTED instead of growing, and the service keeps serving. Ray's own control plane:
 token authentication on, Ray's ports on loopback, a driver without the Ray token refused."""
 import concurrent.futures
@@ -21,8 +21,9 @@ from conftest import free_port, tiny_hf_folder
 from esm_adapters.v1 import adapters_pb2 as pb
 from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
 from modeling.base import load_base
-from serving import client, serve as service, tls_front
-from serving.auth import TOKEN_FILE_ENV, TokenCheck, Unauthenticated
+from serving import client, serve as service
+from serving.serve import tls_front
+from serving.serve.auth import TOKEN_FILE_ENV, TokenCheck, Unauthenticated
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_a_full_queue_answers_resource_exhausted_and_keeps_serving(server):
 
 
 def test_tls_front_forwards_every_call_with_its_token(server, tmp_path):
-    """TLS terminated by serving.tls_front in front of the plaintext Ray Serve proxy."""
+    """TLS terminated by serving.serve.tls_front in front of the plaintext Ray Serve proxy."""
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from modeling import bundle as bundles
+from modeling import registry as store
 from modeling.alphabet import tokenize
 from modeling.base import load_base
 from modeling.model import load_task_model
@@ -87,7 +88,7 @@ def test_failed_run_leaves_nothing_in_the_registry(tmp_path, tiny_base_dir, sec_
         train(tmp_path, tiny_base_dir, sec_str_csv, "--rank", "2", "--max-steps", "1")
     registry = tmp_path / "reg"
     assert not (registry / "sec_str-r2").exists()
-    assert list((registry / bundles.STAGING).iterdir()) == []
+    assert list((registry / store.STAGING).iterdir()) == []
 
 
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, tiny_base_dir, capsys):

@@ -1,4 +1,4 @@
-"""The CPU half of serving/graphs.py: the padding a CUDA graph's bucket adds changes no real row, and
+"""The CPU half of serving/engine/graphs.py: the padding a CUDA graph's bucket adds changes no real row, and
 the engine around the graphs (buckets, static inputs, LRU, merged copies) answers as the eager one
 with a stand-in graph that re-runs its pass, and no operation in the captured pass makes the host
 wait for the device (which fails a capture). Real capture and replay need a GPU: bench.gpu_check's
@@ -12,8 +12,8 @@ from modeling.base import load_base
 from modeling.cuda_graphs import HostSyncs
 from modeling.lora import ATTENTION_TARGETS
 from serving.engine import Engine, EngineConfig
-from serving.graphs import bucket, padded_batch
-from serving.multilora import SlotContext, wrap_targets
+from serving.engine.graphs import bucket, padded_batch
+from serving.engine.multilora import SlotContext, wrap_targets
 
 
 def test_buckets_round_rows_to_8_and_positions_to_64():
@@ -67,7 +67,7 @@ def test_engine_replays_answer_as_the_eager_engine(tiny_base_dir, tmp_path, monk
     import contextlib
 
     from bundles import make_bundle
-    from serving import graphs
+    from serving.engine import graphs
 
     class Stream:
         def __init__(self, *args):

@@ -5,7 +5,7 @@ import torch
 
 from bench.launches import Launches
 from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS, HeadSpec, build_head, residues
-from serving.head_batch import run_heads
+from serving.engine.head_batch import run_heads
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])

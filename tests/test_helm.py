@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from serving.auth import TOKEN_FILE_ENV
+from serving.serve.auth import TOKEN_FILE_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "esm-adapters"
@@ -160,7 +160,7 @@ def test_schemas_catch_mistakes():
 def test_serve_config_runs_our_app_with_options_the_code_accepts(values_set):
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import SERVICER, ServiceConfig
+    from serving.serve.app import SERVICER, ServiceConfig
     docs = render(values_set)
     config = serve_config(docs)
     schema = ServeDeploySchema.parse_obj(config)
@@ -231,7 +231,7 @@ def test_secrets_are_mounted_where_the_service_is_told_to_look():
 
 @pytest.mark.parametrize("values_set", ["production-gpu", "everything-on"])
 def test_tls_front_beside_every_ray_container_and_the_only_way_in(values_set):
-    from serving.tls_front import make_parser
+    from serving.serve.tls_front import make_parser
     docs = render(values_set)
     ray_service = only(docs, "RayService")
     (grpc_port,) = [p for p in ray_service["spec"]["serveService"]["spec"]["ports"] if p["name"] == "grpc"]
@@ -239,7 +239,7 @@ def test_tls_front_beside_every_ray_container_and_the_only_way_in(values_set):
         if name == "job":
             continue
         (front,) = [c for c in spec["containers"] if c["name"] == "tls-front"]
-        assert front["command"] == ["python3", "-m", "serving.tls_front"]
+        assert front["command"] == ["python3", "-m", "serving.serve.tls_front"]
         args = make_parser().parse_args(front["args"])  # flags the code accepts
         assert args.listen.endswith(f":{grpc_port['targetPort']}")  # the Service reaches TLS only
         assert args.target == f"127.0.0.1:{serve_config(docs)['grpc_options']['port']}"
@@ -261,9 +261,9 @@ def test_training_job_runs_a_command_training_accepts(values_set):
 
 def test_values_schema_matches_the_code():
     from modeling.lora import ALL_TARGETS
-    from serving.app import ServiceConfig
+    from serving.serve.app import ServiceConfig
     from serving.engine import DTYPES
-    from serving.int8 import QUANTIZE
+    from serving.engine.int8 import QUANTIZE
     from training.tasks import TASKS
     schema = json.loads((CHART / "values.schema.json").read_text())
     service = schema["properties"]["service"]["properties"]

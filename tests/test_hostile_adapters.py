@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bundles import make_bundle
+from bundles import make_bundle, refs
 from modeling import bundle as bundles
 from modeling.base import load_base
 from serving.engine import Engine, EngineConfig
@@ -101,7 +101,7 @@ EXPECTED = {
     "checksum": "checksum mismatch",
     "pickle": "neither safetensors nor JSON",
     "pickle_only": "are required for mode lora",
-    "huge_rank": "exceeds this server's r_max",
+    "huge_rank": "lora.rank",
     "linked": "symlink",
     "linked_file": "symlink",
 }
@@ -124,7 +124,7 @@ def test_each_hostile_adapter_is_refused_with_its_reason(tiny_base_dir, zoo):
         assert listed[name].status == "refused" and reason in listed[name].reason, (name, listed[name].reason)
     assert not marker.exists()  # the pickle was never unpickled
     # Refused adapters hold nothing: not in the CPU tier, not in a device slot.
-    assert set(engine.cpu_cache) == {"good@1"} and set(engine.slots.slot_of) == {"good@1"}
+    assert refs(engine.cpu_cache) == {"good@1"} and refs(engine.slots.slot_of) == {"good@1"}
     # And asking again does not retry the load: the refusal sticks until the files change.
     loads = engine.stats["loads"]
     assert isinstance(engine.predict([("nan", "MKT")])[0], AdapterRefused) and engine.stats["loads"] == loads

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from bench.launches import Launches
-from serving.multilora import SlotContext, wrap_targets
+from serving.engine.multilora import SlotContext, wrap_targets
 
 
 def tiny_model(seed=0):

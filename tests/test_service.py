@@ -17,9 +17,10 @@ from bundles import make_bundle, make_constant_bundle
 from esm_adapters.v1 import adapters_pb2 as pb
 from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
 from conftest import free_port, random_sequences, tiny_hf_folder
+from modeling import registry as store
 from modeling.base import load_base
 from modeling.heads import SEQUENCE_CLASS
-from serving import client, registry as reg, serve as service
+from serving import client, serve as service
 from serving.engine import Engine, EngineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +104,7 @@ def test_hot_add_and_remove_are_noticed_without_restart(server):
             assert time.monotonic() - start < 120, "hot add not noticed"
             time.sleep(0.1)
     added_after = time.monotonic() - start
-    reg.remove("late", server["registry"])
+    store.remove(server["registry"], "late")
     start = time.monotonic()
     while True:
         try:
@@ -135,7 +136,7 @@ def test_list_adapters_and_reflection(server):
 
 
 def test_predict_reports_where_the_time_went(server):
-    from serving.app import MODEL_MS, SERVER_MS
+    from serving.serve.app import MODEL_MS, SERVER_MS
     stub = client.AdapterClient(server["target"])
     started = time.perf_counter()
     _, call = stub.stub.Predict.with_call(pb.PredictRequest(adapter="ss", sequences=["MKTAYIAK", "MKT"]),
@@ -284,7 +285,7 @@ def test_uploads_removals_and_a_replacement_under_load_never_answer_wrongly(serv
             with lock:
                 live.remove(f"up{i}")
                 removed.add(f"up{i}")
-            reg.remove(f"up{i}", registry)
+            store.remove(registry, f"up{i}")
             traffic_after_change()
         replacement = publish("up20", 1000.0)  # a new version of a live adapter
         wait_for(lambda: any(o[1] == replacement for o in outcomes), "the new version answering")

@@ -51,7 +51,7 @@ def test_a_start_that_fails_after_ray_is_up_leaves_nothing_running(tmp_path):
 
 
 def test_service_ports_stay_out_of_rays_ranges():
-    from serving import ports
+    from serving.serve import ports
     handed = [free_port() for _ in range(20)]
     assert len(set(handed)) == 20
     for port in handed:

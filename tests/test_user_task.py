@@ -7,6 +7,7 @@ import pytest
 
 from conftest import STANDARD, free_port
 from modeling import bundle as bundles
+from modeling import registry as store
 from serving import client, serve as service
 from training import evaluate, fit
 
@@ -120,7 +121,7 @@ def test_bionemo_keys_declare_train_publish_and_evaluate_a_task(trained):
     config = root / "downstream_binding.yaml"
     code = fit.main(["--config", str(config), "--registry", str(root / "adapters"), "--run-dir", str(root / "runs"),
                      "model.data.num_classes=3", "model.data.target_sizes=null"])
-    assert code == 2 and bundles.versions(root / "adapters", "binding-bionemo") == [1]  # refused, nothing new
+    assert code == 2 and store.versions(root / "adapters", "binding-bionemo") == [1]  # refused, nothing new
 
 
 def test_flags_declare_a_sequence_task_with_inferred_classes(tmp_path, tiny_base_dir):
@@ -148,7 +149,7 @@ def test_a_refused_run_names_the_row_and_publishes_nothing(tmp_path, tiny_base_d
     assert code == 2
     err = capsys.readouterr().err
     assert f"bad.csv: row {data[5].split(',')[0]}: labels ['2'] are not in 01" in err, err
-    assert not (tmp_path / "reg").exists() or not bundles.versions(tmp_path / "reg", "my-binding-r16")
+    assert not (tmp_path / "reg").exists() or not store.versions(tmp_path / "reg", "my-binding-r16")
 
 
 def test_list_tasks_shows_every_task(capsys):

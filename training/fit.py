@@ -21,6 +21,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from pytorch_lightning.loggers import CSVLogger
 
 from modeling import bundle as bundles
+from modeling import registry as store
 from modeling.base import load_base
 from modeling.heads import REGRESSION, HeadSpec
 from modeling.lora import LoraSpec, add_lora, export_adapter, export_positions, load_adapter_weights
@@ -143,11 +144,7 @@ def resolve_bundle(ref: str, registry: Path) -> bundles.Bundle:
     path = Path(ref)
     if (path / bundles.MANIFEST).is_file():
         return bundles.read_bundle(path)
-    name, version = bundles.parse_ref(ref)
-    available = bundles.versions(registry, name)
-    if not available or (version is not None and version not in available):
-        raise bundles.BundleError(f"adapter {ref!r} not found in registry {registry}")
-    return bundles.read_bundle(registry / name / str(version or available[-1]))
+    return bundles.read_bundle(store.resolve(registry, ref))
 
 
 def make_trainer(config: dict, run_dir: Path, task, train_records: list,
@@ -286,7 +283,7 @@ def run(config: dict, on_ray: bool = False) -> dict:
     task = resolve_task(config)
     pl.seed_everything(config["seed"], workers=True, verbose=False)
     registry = Path(config["registry"])
-    name = bundles.validate_name(config["name"] or default_name(config, task))
+    name = store.validate_name(config["name"] or default_name(config, task))
     d = config["model"]["data"]
     files = data_files(config)
     splits = load_splits(task, files["data"], files["train"], files["val"], files["test"], config["seed"],
@@ -338,12 +335,12 @@ def run(config: dict, on_ray: bool = False) -> dict:
                "train_seconds": round(seconds, 1), "trainable_parameters": trainable, "scored_on": str(device),
                **{f"{split}_{task.metric}": r[task.metric] for split, r in results.items()}}
     if config["publish"]:
-        staged = bundles.staging_dir(registry)
+        staged = store.staging_dir(registry)
         try:
             write_bundle(staged, config, base, task, model, spec, data.scale, results, seconds, warnings, monitored)
-            summary["published"] = str(bundles.publish(staged, registry, name))
+            summary["published"] = str(store.publish(staged, registry, name))
         finally:
-            bundles.discard(staged)  # no-op after a successful rename
+            store.discard(staged)  # no-op after a successful rename
     return summary
 
 

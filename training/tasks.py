@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from modeling.bundle import NAME_RE
+from modeling.registry import NAME_RE
 from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
 
 DATASETS = Path(__file__).resolve().parent.parent / "datasets"

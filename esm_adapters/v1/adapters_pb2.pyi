@@ -99,16 +99,32 @@ class AdapterInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., task: _Optional[str] = ..., rank: _Optional[int] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., mode: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., kind: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
-    __slots__ = ("adapters", "base_fingerprint", "base_name", "registry_problem")
+    __slots__ = ("adapters", "base_fingerprint", "base_name", "registry_problem", "registry_health")
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     BASE_NAME_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_HEALTH_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
     base_fingerprint: str
     base_name: str
     registry_problem: str
-    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., base_fingerprint: _Optional[str] = ..., base_name: _Optional[str] = ..., registry_problem: _Optional[str] = ...) -> None: ...
+    registry_health: RegistryHealth
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., base_fingerprint: _Optional[str] = ..., base_name: _Optional[str] = ..., registry_problem: _Optional[str] = ..., registry_health: _Optional[_Union[RegistryHealth, _Mapping]] = ...) -> None: ...
+
+class RegistryHealth(_message.Message):
+    __slots__ = ("last_scan_time", "scans", "scan_errors", "last_error", "skipped")
+    LAST_SCAN_TIME_FIELD_NUMBER: _ClassVar[int]
+    SCANS_FIELD_NUMBER: _ClassVar[int]
+    SCAN_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    last_scan_time: float
+    scans: int
+    scan_errors: int
+    last_error: str
+    skipped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, last_scan_time: _Optional[float] = ..., scans: _Optional[int] = ..., scan_errors: _Optional[int] = ..., last_error: _Optional[str] = ..., skipped: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("sequences", "per_residue")

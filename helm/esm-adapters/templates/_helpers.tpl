@@ -127,7 +127,7 @@ imagePullSecrets:
 - name: tls-front
   image: {{ include "esm.image" . }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
-  command: ["python3", "-m", "serving.tls_front"]
+  command: ["python3", "-m", "serving.serve.tls_front"]
   args:
     - --listen=0.0.0.0:{{ .Values.tls.port }}
     - --target=127.0.0.1:{{ .Values.serve.grpcPort }}

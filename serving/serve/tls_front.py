@@ -2,7 +2,7 @@
 no TLS settings), so this small pass-through terminates TLS and forwards every call to the proxy
 on loopback, bytes untouched.
 
-  python -m serving.tls_front --listen 0.0.0.0:9443 --target 127.0.0.1:9000 --cert tls.crt --key tls.key
+  python -m serving.serve.tls_front --listen 0.0.0.0:9443 --target 127.0.0.1:9000 --cert tls.crt --key tls.key
 
 --cert/--key default to $ESM_ADAPTERS_TLS_CERT_FILE / $ESM_ADAPTERS_TLS_KEY_FILE (how the Helm
 chart mounts its secret). Calls are forwarded without being decoded, with their metadata (so the
@@ -21,7 +21,7 @@ from concurrent import futures
 
 import grpc
 
-log = logging.getLogger("serving.tls_front")
+log = logging.getLogger("serving.serve.tls_front")
 CERT_ENV, KEY_ENV = "ESM_ADAPTERS_TLS_CERT_FILE", "ESM_ADAPTERS_TLS_KEY_FILE"
 STREAMING = {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
              "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"}
@@ -78,7 +78,7 @@ def wait_for_termination() -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m serving.tls_front", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m serving.serve.tls_front", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--listen", default="0.0.0.0:9443")
     parser.add_argument("--target", default="127.0.0.1:9000")

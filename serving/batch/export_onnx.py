@@ -1,6 +1,6 @@
 """Export one adapter, merged into the base, as an ONNX model (dynamic batch and length).
 
-  python -m serving.export_onnx --adapter NAME[@VERSION] --out model.onnx [--registry adapters] [--base ...]
+  python -m serving.batch.export_onnx --adapter NAME[@VERSION] --out model.onnx [--registry adapters] [--base ...]
 
 The graph takes `tokens` (int64, batch x (length+2), <cls> seq <eos> <pad>...) and returns `outputs`:
 per-residue logits (batch x length x classes) or per-sequence outputs (batch x classes).
@@ -73,7 +73,7 @@ def export(engine, ref: str, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from serving.engine import Engine, EngineConfig
 
-    parser = argparse.ArgumentParser(prog="python -m serving.export_onnx", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m serving.batch.export_onnx", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--out", required=True, type=Path)

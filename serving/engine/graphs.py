@@ -27,7 +27,7 @@ from torch import nn
 
 from modeling.alphabet import tokenize
 from modeling.cuda_graphs import capture
-from serving.multilora import SlotContext
+from serving.engine.multilora import SlotContext
 
 ROW_STEP, POSITION_STEP = 8, 64
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling.heads import ConvHead, PooledHead
-from serving.transfer import to_device
+from serving.engine.transfer import to_device
 
 
 # Per head, worked out once: heads do not change once loaded, and walking their modules every batch

@@ -3,7 +3,7 @@
   python -m serving.serve --registry adapters/ --grpc-port 9000 --metrics-port 9100
 
 Prometheus text (our series and Ray Serve's) is on http://HOST:METRICS_PORT/metrics.
-On an existing Ray cluster use `serve deploy serving/serve_config.yaml` instead: same app.
+On an existing Ray cluster use `serve deploy serving/serve/serve_config.yaml` instead: same app.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from dataclasses import fields
 
 import yaml
 
-from serving import tls_front
-from serving.app import SERVICER, ServiceConfig
-from serving.auth import TokenCheck
+from serving.serve import tls_front
+from serving.serve.app import SERVICER, ServiceConfig
+from serving.serve.auth import TokenCheck
 from modeling import ray_auth
-from serving.metrics_front import MetricsFront
-from serving.ports import free_port, listening
+from serving.serve.metrics_front import MetricsFront
+from serving.serve.ports import free_port, listening
 
 log = logging.getLogger("serving.serve")
 APP_NAME = "esm-adapters"
@@ -63,7 +63,7 @@ def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, 
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from serving.app import AdapterServer
+    from serving.serve.app import AdapterServer
     os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
     # Serve's proxy readiness check (5 s by default) fails on a busy 2-core machine and the
     # controller then kills the proxy; give it room. Inherited by the processes ray.init starts.
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--access-log", action="store_true", help="log every request (Ray Serve access log)")
     parser.add_argument("--max-queued-requests", type=int, default=1024,
                         help="requests the proxy queues before answering RESOURCE_EXHAUSTED (-1: no limit)")
-    parser.add_argument("--tls-port", type=int, help="also serve TLS here (serving.tls_front), with:")
+    parser.add_argument("--tls-port", type=int, help="also serve TLS here (serving.serve.tls_front), with:")
     parser.add_argument("--tls-cert", help="PEM certificate chain for --tls-port")
     parser.add_argument("--tls-key", help="PEM private key for --tls-port")
     add_service_flags(parser)

@@ -16,7 +16,7 @@ LATENCY_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.
 
 class ServiceMetrics:
     def __init__(self):
-        self.requests = Counter("esm_requests_total", "Predict requests by adapter and gRPC status code",
+        self.requests = Counter("esm_requests_total", "Calls by adapter (Predict; _annotate, _embed for those RPCs) and gRPC status code",
                                 tag_keys=("adapter", "code"))
         self.latency = Histogram("esm_request_latency_seconds", "Latency by stage: queue, model, total",
                                  boundaries=LATENCY_BOUNDS, tag_keys=("stage",))
@@ -32,6 +32,9 @@ class ServiceMetrics:
                                       boundaries=LATENCY_BOUNDS)
         self.resident = Gauge("esm_adapters_resident", "Adapters resident per tier", tag_keys=("tier",))
         self.registry_readable = Gauge("esm_registry_readable", "1 while the registry folder can be read")
+        self.registry_last_scan = Gauge("esm_registry_last_scan_timestamp_seconds",
+                                        "Unix time of the registry watcher's last complete scan")
+        self.registry_scan_errors = Gauge("esm_registry_scan_errors", "Registry scans that failed since start")
         self._labels: set[str] = set()
         self._lock = threading.Lock()
 
@@ -56,7 +59,10 @@ class ServiceMetrics:
         if event == "load":
             self.load_latency.observe(seconds)
 
-    def set_tiers(self, tiers: dict[str, int], registry_readable: bool = True) -> None:
+    def set_tiers(self, tiers: dict[str, int], registry_readable: bool = True, health=None) -> None:
         for tier, count in tiers.items():
             self.resident.set(count, tags={"tier": tier})
         self.registry_readable.set(1 if registry_readable else 0)
+        if health is not None:  # serving/registry/watcher.py ScanHealth
+            self.registry_last_scan.set(health.last_ok)
+            self.registry_scan_errors.set(health.errors)

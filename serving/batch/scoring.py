@@ -32,7 +32,7 @@ from pathlib import Path
 
 from modeling.alphabet import SequenceError, normalise, within_limit
 from modeling.heads import PER_RESIDUE, REGRESSION
-from serving.int8 import QUANTIZE, check_quantize
+from serving.engine.int8 import QUANTIZE, check_quantize
 
 log = logging.getLogger("serving.batch")
 FORMATS = {".fasta": "fasta", ".fa": "fasta", ".faa": "fasta", ".csv": "csv", ".tsv": "tsv",
@@ -172,8 +172,8 @@ class Scorer:
                 continue
             base["length"] = len(seq)
             valid.append(seq)
-            for ref in self.adapters:
-                requests.append((ref, seq, self.residue_probabilities))
+            for ref, adapter in self.adapters.items():  # the versions loaded at start, whatever happens since
+                requests.append((adapter, seq, self.residue_probabilities))
                 owners.append({**base, "adapter": ref, "cropped": cropped, "_row": len(valid) - 1})
         for owner, result in zip(owners, self.engine.predict(requests) if requests else []):
             rows.append(self._row(owner, result))
@@ -221,7 +221,7 @@ def resolve_adapters(registry: Path, base, refs: list[str], engine: dict) -> lis
     for ref in refs:
         try:
             resolved.append(engine.load(ref).ref)
-        except (LookupError, RuntimeError, ValueError) as exc:
+        except Exception as exc:
             raise BatchError(f"--adapter {ref}: {exc}") from exc
     if len(set(resolved)) != len(resolved):
         raise BatchError(f"--adapter names one version twice: {resolved}")
@@ -313,7 +313,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-residues", type=int, help="padded residues per forward pass (engine default)")
     p.add_argument("--r-max", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: W8A8 base on CPU workers (serving/int8.py)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: W8A8 base on CPU workers (serving/engine/int8.py)")
     p.add_argument("--crop", action="store_true", help="crop sequences over 1022 residues instead of failing them")
     p.add_argument("--no-sequence", action="store_true", help="write the sequence's sha256 instead of the sequence")
     p.add_argument("--residue-probabilities", action="store_true", help="per-residue tasks: per-residue probabilities")
