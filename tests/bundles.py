@@ -24,6 +24,41 @@ def refs(keys) -> set[str]:
     return {key.partition("#")[0] for key in keys}
 
 
+def resign(folder: Path) -> None:
+    """Recompute the manifest's checksums after a deliberate change to a bundle's files."""
+    manifest = json.loads((folder / bundles.MANIFEST).read_text())
+    manifest["files"] = {f: bundles.sha256_file(folder / f) for f in manifest["files"]}
+    (folder / bundles.MANIFEST).write_text(json.dumps(manifest))
+
+
+def rewrite_adapter(folder: Path, change) -> None:
+    """change(LoRA tensors) in place, then re-sign: a bundle whose checksums still hold."""
+    tensors = load_file(folder / bundles.ADAPTER_WEIGHTS)
+    change(tensors)
+    save_file(tensors, folder / bundles.ADAPTER_WEIGHTS)
+    resign(folder)
+
+
+def with_other_lora(source: Path, target: Path, seed: int) -> Path:
+    """A copy of the bundle at `source` with other random LoRA weights and the same head: its
+    answers differ from the source's only through the LoRA terms."""
+    shutil.copytree(source, target)
+    generator = torch.Generator().manual_seed(seed)
+    rewrite_adapter(target, lambda tensors: [t.copy_(torch.randn(t.shape, generator=generator) * 0.2)
+                                             for t in tensors.values()])
+    return target
+
+
+def push_and_remove(root: str, source: str, count: int, queue) -> None:
+    """`count` times: push `source` as "shared", then remove that version (a process of its own)."""
+    got = []
+    for _ in range(count):
+        folder = store.push(source, root, "shared")
+        got.append(int(folder.name))
+        store.remove(root, f"shared@{folder.name}")
+    queue.put(got)
+
+
 def make_bundle(base, registry: Path, name: str, rank: int = 4, kind: str = PER_RESIDUE,
                 seed: int = 0, spec: LoraSpec | None = None, mode: str = "lora", **manifest_extra) -> Path:
     torch.manual_seed(seed)

@@ -7,33 +7,17 @@ import json
 import os
 import pickle
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from bundles import make_bundle, refs
+from bundles import make_bundle, refs, resign, rewrite_adapter
 from modeling import bundle as bundles
 from modeling.base import load_base
 from serving.engine import Engine, EngineConfig
 from serving.registry import AdapterRefused
 
 ADAPTER = bundles.ADAPTER_WEIGHTS
-
-
-def resign(folder: Path) -> None:
-    """Recompute the manifest's checksums after a deliberate corruption."""
-    manifest = json.loads((folder / bundles.MANIFEST).read_text())
-    manifest["files"] = {f: bundles.sha256_file(folder / f) for f in manifest["files"]}
-    (folder / bundles.MANIFEST).write_text(json.dumps(manifest))
-
-
-def rewrite_adapter(folder: Path, change) -> None:
-    tensors = load_file(folder / ADAPTER)
-    change(tensors)
-    save_file(tensors, folder / ADAPTER)
-    resign(folder)
 
 
 class Boom:

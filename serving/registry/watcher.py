@@ -29,6 +29,7 @@ from modeling import bundle as bundles
 from modeling import registry as store
 
 log = logging.getLogger(__name__)
+EDITED = "edited in place"
 MAX_METRICS = 64  # per split, in the listing (a manifest may hold more; the listing keeps numbers only)
 
 
@@ -212,10 +213,12 @@ class Registry:
     def _after_edit(self, old: Entry, stamps: dict) -> Entry:
         """A sealed version whose files changed: refused, naming the first file whose bytes differ
         from what it was published with; the same bytes written again (a repeated copy) are no edit."""
-        edited = changed_file(old, stamps)
         entry = Entry(old.name, old.version, old.folder, old.manifest, old.identity, old.reason, stamps, sealed=True)
+        if old.reason and old.reason.startswith(EDITED):
+            return entry  # refused for good; the first file found changed stays named
+        edited = changed_file(old, stamps)
         if edited:
-            entry.reason = (f"edited in place: {edited} changed after {old.ref} was published and served; "
+            entry.reason = (f"{EDITED}: {edited} changed after {old.ref} was published and served; "
                             f"published versions are immutable (push a new version to change an adapter)")
             log.warning("adapter %s refused: %s", old.ref, entry.reason)
         return entry
