@@ -165,7 +165,7 @@ def cold_load_ms(engine: Engine, names: list[str]) -> dict[str, list[float]]:
         adapter = engine.load(name)
         times["read"].append((time.perf_counter() - start) * 1000)
         engine._acquire(adapter)
-        engine.slots.release(adapter.ref)
+        engine.slots.release(adapter.key)
         if engine.device.type == "cuda":  # the slot copy runs on a side stream: usable once it landed
             torch.cuda.synchronize(engine.device)
         times["total"].append((time.perf_counter() - start) * 1000)
@@ -237,7 +237,7 @@ engine = Engine(base, registry, EngineConfig(**config))
 for name in names:
     adapter = engine.load(name)
     engine._acquire(adapter)
-    engine.slots.release(adapter.ref)
+    engine.slots.release(adapter.key)
 gc.collect()
 print(json.dumps({"registered": len(engine.registry.entries()), "delta_mb": rss_mb() - before,
                   "weights_mb": weights_bytes(engine, names[0]) / 2**20}))

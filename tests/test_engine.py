@@ -206,15 +206,21 @@ def test_a_vanished_registry_keeps_what_is_loaded_serving(tiny_base_dir, registr
     base = load_base(str(tiny_base_dir))
     make_bundle(base, registry, "a", rank=2)
     make_bundle(base, registry, "b", rank=2, seed=1)
-    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=4))
+    make_bundle(base, registry, "c", rank=2, seed=2)
+    # One device slot: a and c take turns in it, refilled from the CPU tier, never from the disk.
+    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=4, max_device_adapters=1))
     served = engine.predict([("a", "MKTAYIAK")])[0].labels
+    other = engine.predict([("c", "MKTAYIAK")])[0].labels
     gone = registry.rename(registry.parent / "unmounted")
+    for _ in range(3):
+        assert [r.labels for r in engine.predict([("a", "MKTAYIAK")]) + engine.predict([("c", "MKTAYIAK")])] == [
+            served, other]
     # Before the next scan notices: a load that finds files missing is transient, not a refusal.
     result = engine.predict([("a", "MKTAYIAK"), ("b", "MKTAYIAK")])
     assert result[0].labels == served and isinstance(result[1], RegistryUnavailable)
     engine.registry.refresh()
     assert "registry unreadable" in engine.registry.problem
-    assert {e.ref for e in engine.registry.entries()} == {"a@1", "b@1"}  # nothing dropped
+    assert {e.ref for e in engine.registry.entries()} == {"a@1", "b@1", "c@1"}  # nothing dropped
     assert all(e.status == "ok" for e in engine.registry.entries())
     assert engine.predict([("a", "MKTAYIAK")])[0].labels == served
     gone.rename(registry)  # the volume comes back

@@ -256,12 +256,17 @@ def test_a_removed_version_held_by_a_batch_frees_its_slot_on_release(tiny_base_d
     base = load_base(str(tiny_base_dir))
     root = tmp_path / "adapters"
     make_bundle(base, root, "x", rank=2)
+    make_bundle(base, root, "y", rank=2, seed=3)
     engine = Engine(load_base(str(tiny_base_dir)), root, EngineConfig(r_max=4, max_device_adapters=1))
     adapter = engine.load("x")
+    expected = engine.predict([(adapter, SEQUENCE)])[0].labels  # x in the one slot
     store.remove(root, "x")
-    engine.registry.refresh()
-    assert engine.predict([(adapter, SEQUENCE)])[0].adapter == "x@1"  # loaded before: computed with x@1
-    assert not engine.slots.slot_of and engine.slots.free == [1]  # and its slot freed at once after
+    engine.registry.refresh()  # x's slot freed; on a CPU device its packed LoRA was a view of it
+    assert not engine.slots.slot_of and engine.slots.free == [1]
+    assert engine.predict([("y", SEQUENCE)])[0].labels != expected  # y now fills that slot
+    held = engine.predict([(adapter, SEQUENCE)])[0]  # a request that loaded x before its removal
+    assert held.adapter == "x@1" and held.labels == expected  # computed with x's own weights
+    assert not any(key.startswith("x@") for key in engine.slots.slot_of)  # and its slot freed at once after
 
 
 def test_merged_copies_follow_traffic_and_stay_bounded(tiny_base_dir, tmp_path):

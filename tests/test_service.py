@@ -3,6 +3,7 @@ import concurrent.futures
 import json
 import random
 import re
+import shutil
 import threading
 import time
 import urllib.request
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from bundles import make_bundle, make_constant_bundle
+from bundles import make_bundle, make_constant_bundle, with_other_lora
 from esm_adapters.v1 import adapters_pb2 as pb
 from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
 from conftest import free_port, random_sequences, tiny_hf_folder
@@ -37,7 +38,8 @@ def server(tmp_path_factory):
     make_bundle(base, registry, "toobig", rank=32, seed=3)
     grpc_port, metrics_port = free_port(), free_port()
     args = {"registry": str(registry), "base": str(base_dir), "r_max": 8, "max_sequences_per_request": 8,
-            "registry_poll_s": 0.25, "batch_wait_timeout_s": 0.05}
+            "max_residues_per_request": 20_000, "max_embed_values": 100_000, "registry_poll_s": 0.25,
+            "batch_wait_timeout_s": 0.05}
     service.start(args, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2, http_port=free_port())
     yield {"target": f"127.0.0.1:{grpc_port}", "metrics": metrics_port, "registry": registry,
            "base": base, "base_dir": base_dir}
@@ -147,8 +149,15 @@ def test_predict_reports_where_the_time_went(server):
     stub.close()
 
 
+def embed(target: str, sequences: list[str], per_residue: bool = False) -> pb.EmbedResponse:
+    stub = pb_grpc.AdapterServiceStub(grpc.insecure_channel(target))
+    return stub.Embed(pb.EmbedRequest(sequences=sequences, per_residue=per_residue), metadata=client.APP_METADATA,
+                      timeout=60)
+
+
 def test_metrics_endpoint(server):
     client.predict(server["target"], "ss", ["MKTAYIAK"])
+    assert embed(server["target"], ["MKTAYIAK"]).dim == 32
     # The chart's Grafana dashboard must query only series that exist (checked below).
     dashboard = json.loads((ROOT / "helm" / "esm-adapters" / "files" / "dashboard.json").read_text())
     queried = {name for panel in dashboard["panels"] for target in panel["targets"]
@@ -164,13 +173,15 @@ def test_metrics_endpoint(server):
             break
         time.sleep(1)
     codes = {(s.labels["adapter"], s.labels["code"]) for s in families["ray_esm_requests"].samples}
-    assert ("ss", "OK") in codes and ("_unknown", "NOT_FOUND") in codes
+    assert ("ss", "OK") in codes and ("_unknown", "NOT_FOUND") in codes and ("_embed", "OK") in codes
     for name in ("ray_esm_request_latency_seconds", "ray_esm_batch_size", "ray_esm_batch_distinct_adapters",
                  "ray_esm_batch_padding_ratio", "ray_esm_adapter_events", "ray_esm_adapters_resident",
-                 "ray_esm_registry_readable"):
+                 "ray_esm_registry_readable", "ray_esm_registry_last_scan_timestamp_seconds",
+                 "ray_esm_registry_scan_errors"):
         assert name in families, name
     stages = {s.labels.get("stage") for s in families["ray_esm_request_latency_seconds"].samples}
-    assert {"queue", "model", "total"} <= stages
+    assert {"queue", "model", "total", "embed"} <= stages
+    assert families["ray_esm_registry_last_scan_timestamp_seconds"].samples[0].value > time.time() - 600
     assert any(n.startswith("ray_serve_") for n in families)  # Ray Serve's own series stay
     assert queried and queried <= exported, queried - exported
 
@@ -319,3 +330,130 @@ def test_annotate_answers_every_adapter_like_predict_and_refuses_bad_lists(serve
     assert client.main(["--target", t, "predict", "--adapter", "ss,cls", "--sequence", "MKTAYIAK"]) == 0
     out = capsys.readouterr().out
     assert "adapter ss@1" in out and "adapter cls@1" in out
+
+
+# ---- the registry folder as operators change it, under a running service ------------------------
+def wait_for(condition, what: str, limit: float = 300):
+    """Polls `condition`; the limit only bounds a service that stopped noticing changes."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {limit} s"
+        time.sleep(0.05)
+
+
+def listed_refs(target: str) -> set[str]:
+    return {f"{a.name}@{a.version}" for a in client.list_adapters(target).adapters}
+
+
+def test_a_name_removed_and_pushed_again_with_other_lora_answers_with_the_new_weights(server, tmp_path):
+    """remove + push of a different bundle under one name, four times, with traffic on that name
+    throughout. The bundles differ only in their LoRA weights (same head), so each answer shows
+    which LoRA computed it: it must be the one its version was published with, and once the new
+    version is listed (and the old one gone), every answer comes from the new one."""
+    target, root, base = server["target"], server["registry"], server["base"]
+    a = make_bundle(base, tmp_path / "built", "swap", rank=2, kind="regression", seed=11)
+    bundles_ = {"A": a, "B": with_other_lora(a, tmp_path / "built" / "b", seed=12)}
+    values = {}
+    for name, folder in bundles_.items():  # each bundle's own answer, from an engine of its own
+        alone = tmp_path / f"alone-{name}"
+        store.push(folder, alone, "swap")
+        values[name] = Engine(load_base(str(server["base_dir"])), alone, EngineConfig(r_max=8)).predict(
+            [("swap", "MKTAYIAK")])[0].value
+    assert abs(values["A"] - values["B"]) > 1e-3
+    bundle_of: dict[str, str] = {}  # swap@N -> the bundle pushed as N
+    outcomes, stop = [], threading.Event()
+
+    def caller():
+        with client.AdapterClient(target) as c:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    r = c.predict("swap", ["MKTAYIAK"], timeout=60)
+                    outcomes.append((started, r.adapter, r.predictions[0].value, None))
+                except grpc.RpcError as exc:
+                    outcomes.append((started, None, None, exc.code()))
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    windows = []  # (new ref, visible from, until)
+    try:
+        for name in ("A", "B", "A", "B"):
+            if store.versions(root, "swap"):
+                store.remove(root, "swap")
+            ref = f"swap@{store.push(bundles_[name], root, 'swap').name}"
+            bundle_of[ref] = name
+            wait_for(lambda: {r for r in listed_refs(target) if r.startswith("swap@")} == {ref}, f"{ref} alone listed")
+            visible = time.monotonic()
+            mark = len(outcomes)
+            wait_for(lambda: sum(o[1] == ref for o in outcomes[mark:]) >= 5, f"answers from {ref}")
+            windows.append((ref, visible, time.monotonic()))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+    answered = [o for o in outcomes if o[3] is None]
+    assert len(answered) >= 20
+    for _, ref, value, _ in answered:  # each answer computed with its own version's LoRA
+        assert value == pytest.approx(values[bundle_of[ref]], abs=1e-4), (ref, value, values)
+    for ref, visible, until in windows:  # after the push is visible, only the new version answers
+        late = [o for o in outcomes if visible < o[0] < until]
+        assert late and all(o[1] == ref for o in late), [o for o in late if o[1] != ref][:3]
+    assert {o[3] for o in outcomes if o[3] is not None} <= {grpc.StatusCode.NOT_FOUND}
+    store.remove(root, "swap")
+
+
+def test_malformed_entries_never_break_listing_or_hot_reload(server, tmp_path):
+    target, root, base = server["target"], server["registry"], server["base"]
+    bad = make_bundle(base, tmp_path / "built", "bad", rank=2)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["output"]["labels"] = [1, 2, 3]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(bad, root / "malformed" / "1")
+    (root / "ss" / "²").mkdir()
+    (root / "ss" / ("9" * 20)).mkdir()
+    try:
+        wait_for(lambda: "malformed@1" in listed_refs(target), "the malformed entry listed")
+        listed = client.list_adapters(target)
+        info = {f"{a.name}@{a.version}": a for a in listed.adapters}
+        assert info["malformed@1"].status == "refused" and "output.labels" in info["malformed@1"].reason
+        health = listed.registry_health
+        assert health.scans > 0 and health.last_scan_time > time.time() - 60 and health.scan_errors == 0
+        assert any("'²'" in line for line in health.skipped) and any("9" * 20 in line for line in health.skipped)
+        make_bundle(base, root, "after_bad", rank=2)  # hot reload goes on
+        wait_for(lambda: "after_bad@1" in listed_refs(target), "a push after the malformed entries")
+        assert client.predict(target, "after_bad", ["MKTAY"]).adapter == "after_bad@1"
+    finally:
+        shutil.rmtree(root / "malformed")
+        for name in ("²", "9" * 20):
+            (root / "ss" / name).rmdir()
+        if store.versions(root, "after_bad"):
+            store.remove(root, "after_bad")
+
+
+def test_annotate_and_embed_work_is_bounded(server):
+    t = server["target"]
+    sequences = ["MKTAYIAK" * 125] * 8  # 8,000 residues: within the 20,000 of this server
+    assert len(client.predict(t, "ss", sequences).predictions) == 8
+    code, details = code_of(lambda: client.annotate(t, ["ss", "cls", "ss@1"], sequences))  # 3 x 8,000
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "24000 residues" in details and "adapters" in details
+    assert len(embed(t, sequences).embeddings) == 8  # means only: 8 x 32 values
+    code, details = code_of(lambda: embed(t, sequences, per_residue=True))  # 8,000 x 32 values
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_embed_values" in details
+    code, details = code_of(lambda: embed(t, ["A" * 3000] * 8))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "24000 residues" in details
+    assert len(embed(t, ["MKTAYIAK"] * 2, per_residue=True).embeddings[1].residues) == 8 * 32
+
+
+def test_the_registry_volume_gone_under_the_service_keeps_resident_adapters_serving(server):
+    t, root = server["target"], server["registry"]
+    before = {name: client.predict(t, name, ["MKTAYIAKQR"]) for name in ("ss", "cls")}
+    away = root.rename(root.parent / "unmounted")
+    try:
+        wait_for(lambda: client.list_adapters(t).registry_problem != "", "the problem noticed")
+        for name, response in before.items():
+            again = client.predict(t, name, ["MKTAYIAKQR"])
+            assert again.adapter == response.adapter and again.predictions == response.predictions
+    finally:
+        away.rename(root)
+    wait_for(lambda: client.list_adapters(t).registry_problem == "", "the volume back")

@@ -57,3 +57,26 @@ def test_service_ports_stay_out_of_rays_ranges():
     for port in handed:
         assert port not in ports.ephemeral_ports() and port not in ports.RAY_WORKER_PORTS
         assert not ports.listening(port)
+
+
+def test_a_call_past_the_server_side_deadline_gets_deadline_exceeded(tmp_path):
+    """request_timeout_s=0.05 against an Embed of 256 x 1,000 residues (seconds of work on this
+    base): DEADLINE_EXCEEDED, and the service keeps answering (ListAdapters has no model work)."""
+    import grpc
+
+    from esm_adapters.v1 import adapters_pb2 as pb
+    from esm_adapters.v1 import adapters_pb2_grpc as pb_grpc
+    from serving import client
+    base_dir = tiny_hf_folder(tmp_path / "base")
+    grpc_port = free_port()
+    service.start({"registry": str(tmp_path / "adapters"), "base": str(base_dir), "request_timeout_s": 0.05},
+                  grpc_port, free_port(), num_cpus=0.5, ray_cpus=2, http_port=free_port())
+    try:
+        target = f"127.0.0.1:{grpc_port}"
+        stub = pb_grpc.AdapterServiceStub(grpc.insecure_channel(target))
+        with pytest.raises(grpc.RpcError) as late:
+            stub.Embed(pb.EmbedRequest(sequences=["MKTAYIAKQR" * 100] * 256), metadata=client.APP_METADATA, timeout=120)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "request_timeout_s" in late.value.details()
+        assert client.list_adapters(target).base_fingerprint
+    finally:
+        service.stop()

@@ -30,8 +30,9 @@ def refusal_kind(reason: str) -> str:
 @dataclass
 class LoadedAdapter:
     """CPU tier: a verified adapter version, ready to copy into a device slot. Its packed LoRA is
-    kept for as long as it stays in the tier (also on a CPU device, where a slot is host memory
-    too): a slot or merged copy is refilled from here, never from disk inside a batch."""
+    kept for as long as it is referenced: a slot or merged copy is refilled from here, never from
+    disk inside a batch. On a CPU device, while the adapter sits in a slot, `lora` is a view of that
+    slot (host memory too), copied out when the slot is given up (serving/engine/engine.py)."""
     ref: str  # NAME@VERSION
     key: str  # ref and content identity (serving/registry/watcher.py Entry.key)
     manifest: dict

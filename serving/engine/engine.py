@@ -19,7 +19,7 @@ import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -144,7 +144,10 @@ class Engine:
             registry = Registry(Path(registry), self.rule)
         self.registry = registry
         self.registry.on_change(self._retire)
-        self.slots = SlotTable(self.config.max_device_adapters)
+        self.slots = SlotTable(self.config.max_device_adapters, on_free=self._slot_freed)
+        # On a CPU device a slot is host memory too: a slot-resident adapter's packed LoRA is a view
+        # of its slot (one copy, not two), copied out when the slot is given up (_slot_freed).
+        self._viewed: dict[str, LoadedAdapter] = {}
         self.cpu_cache = CpuTier(self.config.max_cpu_bytes, in_use=lambda key: key in self.slots.refs)
         self.merged: OrderedDict[str, nn.Module] = OrderedDict()  # key -> merged copy
         self.onnx: dict[str, object] = {}  # key -> OnnxModel (merged export run by onnxruntime)
@@ -270,6 +273,16 @@ class Engine:
             ready = torch.cuda.Event()
             ready.record(self._copy_stream)
             self._slot_ready[slot] = ready
+        if self.device.type == "cpu":
+            adapter.lora = replace(adapter.lora, data=self.slot_store.slab[slot, :adapter.lora.data.numel()])
+            self._viewed[adapter.key] = adapter
+
+    def _slot_freed(self, key: str, slot: int) -> None:
+        """A slot leaves `key`: an adapter whose packed LoRA is a view of it gets its own copy back
+        first (it may still be queued, or in the CPU tier)."""
+        adapter = self._viewed.pop(key, None)
+        if adapter is not None:
+            adapter.lora = replace(adapter.lora, data=adapter.lora.data.clone())
 
     # ---- merged mode -------------------------------------------------------------------------
     def base_state(self) -> dict[str, torch.Tensor]:

@@ -12,8 +12,9 @@ class NoFreeSlot(RuntimeError):
 class SlotTable:
     """Device slots 1..n (0 = no adapter), keyed by an adapter version's key (ref and identity)."""
 
-    def __init__(self, num_slots: int):
+    def __init__(self, num_slots: int, on_free=lambda key, slot: None):
         self.free = list(range(num_slots, 0, -1))
+        self.on_free = on_free  # called before a slot leaves its version (evicted, dropped)
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # LRU first
         self.refs: Counter[str] = Counter()
         self.doomed: set[str] = set()  # dropped while held: freed when the last holder releases
@@ -31,7 +32,7 @@ class SlotTable:
                 victim = next((k for k in self.slot_of if self.refs[k] == 0), None)
                 if victim is None:
                     raise NoFreeSlot("every device slot is in use by a queued or running batch")
-                self.free.append(self.slot_of.pop(victim))
+                self._free(victim)
                 self.evictions += 1
             slot = self.free.pop()
             try:
@@ -62,4 +63,5 @@ class SlotTable:
 
     def _free(self, key: str) -> None:
         if key in self.slot_of:
+            self.on_free(key, self.slot_of[key])
             self.free.append(self.slot_of.pop(key))

@@ -295,7 +295,7 @@ class AdapterServer:
             for rep in reps:
                 e = response.embeddings.add(mean=rep.mean(0).tolist(), length=rep.shape[0])
                 if request.per_residue:
-                    e.residues.extend(rep.reshape(-1).numpy())
+                    e.residues.extend(rep.reshape(-1).tolist())  # 3x faster into protobuf than numpy items
             return response, None
         return await self._answer("Embed", grpc_context, pb.EmbedResponse(), work)
 
