@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from modeling import registry as store
 from training import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ def test_two_process_ddp_publishes_once_with_the_whole_split_metric(tmp_path, ti
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Starting with 2 processes" in run.stderr + run.stdout or launcher == "ray-train"
-    assert [p.name for p in (tmp_path / "reg" / "sec_str-r2").iterdir()] == ["1"]  # published once
+    assert store.versions(tmp_path / "reg", "sec_str-r2") == [1] == [store.high_water(tmp_path / "reg", "sec_str-r2")]  # published once
     folder = tmp_path / "reg" / "sec_str-r2" / "1"
     manifest = json.loads((folder / "manifest.json").read_text())
     monitored = manifest["training"]["monitored"]

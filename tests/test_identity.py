@@ -17,7 +17,7 @@ from modeling import registry as store
 from modeling.base import load_base
 from modeling.heads import REGRESSION
 from serving.engine import Engine, EngineConfig
-from serving.engine.engine import InferenceError
+from serving.engine import InferenceError
 from serving.engine.slots import SlotTable
 from serving.registry import AdapterRefused, RegistryUnavailable
 

@@ -24,7 +24,7 @@ from modeling import registry as store
 from modeling.alphabet import SequenceError, normalise, within_limit
 from modeling.base import load_base
 from serving.engine import Engine, EngineConfig, Prediction, torch_dtype
-from serving.engine.engine import InferenceError
+from serving.engine import InferenceError
 from serving.engine.int8 import check_quantize
 from serving.registry import AdapterNotFound, AdapterRefused, RegistryUnavailable
 from serving.serve.auth import TokenCheck, Unauthenticated
@@ -44,8 +44,8 @@ class ServiceConfig:
     registry: str = "adapters"
     base: str | None = None
     r_max: int = LIMITS.r_max
-    max_device_adapters: int = 64
-    max_cpu_bytes: int = 2 * 1024**3  # the CPU tier of verified adapters, in bytes (LRU beyond it)
+    max_device_adapters: int = EngineConfig.max_device_adapters
+    max_cpu_bytes: int = EngineConfig.max_cpu_bytes  # the CPU tier of verified adapters, in bytes (LRU beyond it)
     targets: list[str] = field(default_factory=lambda: list(LIMITS.targets))
     merged: list[str] = field(default_factory=list)
     merge_top_k: int = 0
@@ -100,8 +100,6 @@ class RequestError(Exception):
 def status_of(exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, RequestError):
         return exc.code
-    if isinstance(exc, asyncio.TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(exc, Unauthenticated):
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(exc, AdapterNotFound):
