@@ -155,6 +155,10 @@ def embed(target: str, sequences: list[str], per_residue: bool = False) -> pb.Em
                       timeout=60)
 
 
+REGISTRY_SERIES = {"ray_esm_registry_readable", "ray_esm_registry_last_scan_timestamp_seconds",
+                   "ray_esm_registry_scan_errors"}
+
+
 def test_metrics_endpoint(server):
     client.predict(server["target"], "ss", ["MKTAYIAK"])
     assert embed(server["target"], ["MKTAYIAK"]).dim == 32
@@ -168,16 +172,18 @@ def test_metrics_endpoint(server):
         families = {f.name: f for f in text_string_to_metric_families(text)}
         exported = {sample.name for family in families.values() for sample in family.samples}
         requests = families.get("ray_esm_requests")
-        not_found = requests and any(s.labels.get("code") == "NOT_FOUND" for s in requests.samples)
-        if (not_found and queried <= exported) or time.monotonic() > deadline:
+        seen = {(s.labels.get("adapter"), s.labels.get("code")) for s in requests.samples} if requests else set()
+        wanted = {("ss", "OK"), ("_unknown", "NOT_FOUND"), ("_embed", "OK")}
+        latency = families.get("ray_esm_request_latency_seconds")
+        stages = {s.labels.get("stage") for s in latency.samples} if latency else set()
+        if (wanted <= seen and queried <= exported and REGISTRY_SERIES <= set(families) and "embed" in stages) \
+                or time.monotonic() > deadline:
             break
         time.sleep(1)
     codes = {(s.labels["adapter"], s.labels["code"]) for s in families["ray_esm_requests"].samples}
     assert ("ss", "OK") in codes and ("_unknown", "NOT_FOUND") in codes and ("_embed", "OK") in codes
     for name in ("ray_esm_request_latency_seconds", "ray_esm_batch_size", "ray_esm_batch_distinct_adapters",
-                 "ray_esm_batch_padding_ratio", "ray_esm_adapter_events", "ray_esm_adapters_resident",
-                 "ray_esm_registry_readable", "ray_esm_registry_last_scan_timestamp_seconds",
-                 "ray_esm_registry_scan_errors"):
+                 "ray_esm_batch_padding_ratio", "ray_esm_adapter_events", "ray_esm_adapters_resident", *REGISTRY_SERIES):
         assert name in families, name
     stages = {s.labels.get("stage") for s in families["ray_esm_request_latency_seconds"].samples}
     assert {"queue", "model", "total", "embed"} <= stages
