@@ -34,11 +34,12 @@ bench: $(STAMP)  # each prints one JSON object; minutes each on 2 CPU cores
 
 # The GPU check (bench/gpu_check.py) on a CUDA machine whose python3 has torch, peft and safetensors
 # but neither this project's venv nor a network: `make gpu-carry` here packs what it lacks into
-# .gpu/ (fair-esm's wheel, the offline base's weights); `make gpu-check` there installs and runs it.
+# .gpu/ (fair-esm's and Hydra's wheels, the offline base's weights); `make gpu-check` there installs and runs it.
 GPU_PY ?= python3
 gpu-carry: $(STAMP)
 	rm -rf .gpu && mkdir -p .gpu/base
-	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .gpu fair-esm==2.0.0
+	# pure-Python wheels (antlr4's 4.9.3, which Hydra needs, is built here from its sdist)
+	$(PY) -m pip wheel --quiet --no-deps -w .gpu fair-esm==2.0.0 hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
 	base="$$($(PY) -c 'from modeling.base import offline_default_folder as f; print(f())')" && \
 	cp "$$base/config.json" "$$base/pytorch_model.bin" .gpu/base/
 

@@ -255,7 +255,7 @@ def test_training_job_runs_a_command_training_accepts(values_set):
     assert container["command"] == ["python3", "-m", "training.fit"]
     config = parse_args(container["args"])  # raises on an unknown flag or key
     registry_mount = {m["name"]: m for m in container["volumeMounts"]}["registry"]
-    assert config["registry"] == registry_mount["mountPath"] and not registry_mount.get("readOnly")
+    assert config.registry == registry_mount["mountPath"] and not registry_mount.get("readOnly")
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
 
 
@@ -390,7 +390,7 @@ def test_ray_jobs_run_commands_the_code_accepts_on_their_own_token_authenticated
     argv = shlex.split(jobs["training"]["spec"]["entrypoint"])
     assert argv[:3] == ["python3", "-m", "training.fit"]
     config = parse_args(argv[3:])
-    assert config["ray"]["workers"] == 2 and config["ray"]["address"] == "auto" and config["ray"]["gpus_per_worker"] == 1
+    assert config.ray.workers == 2 and config.ray.address == "auto" and config.ray.gpus_per_worker == 1
     assert jobs["training"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2
 
 

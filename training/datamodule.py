@@ -105,6 +105,7 @@ class FlipDataModule(pl.LightningDataModule):
         sampler = BucketBatchSampler([len(r.sequence) for r in records], self.batch_size, shuffle,
                                      self.seed, self.bucket_batches, rank, world)
         return DataLoader(list(enumerate(records)), batch_sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0,  # started once, not every epoch
                           collate_fn=lambda pairs: collate(pairs, self.task, self.scale))
 
     def train_dataloader(self) -> DataLoader:

@@ -1,25 +1,60 @@
-"""The LightningModule: loss per task kind, validation metric, optimiser with warm-up."""
+"""The LightningModule: loss per task kind, validation metric, the optimiser and its schedule,
+input masking while training."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from modeling.alphabet import MASK, TOKEN_ID
 from modeling.heads import PER_RESIDUE, REGRESSION
 from modeling.model import TaskModel
+from training.config import DataConfig, OptimConfig
 from training.datamodule import IGNORE, TargetScale
 from training.predict import score
 from training.tasks import Task
 
 
+STANDARD = torch.tensor([TOKEN_ID[c] for c in "LAGVSERTIDPKQNFYMHWC"])
+
+
+@dataclass(frozen=True)
+class InputMasking:
+    """BioNeMo's modify_percent: while training, that share of residues is modified: mask_percent
+    of them become <mask>, perturb_percent a random standard residue, the rest stay (BERT's 80/10/10
+    by default). Targets are untouched; validation and scoring never see it."""
+    modify: float = 0.0
+    mask: float = 0.8
+    perturb: float = 0.1
+
+    @classmethod
+    def of(cls, data: DataConfig) -> "InputMasking":
+        return cls(data.modify_percent, data.mask_percent, data.perturb_percent)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.modify:
+            return tokens
+        residue = tokens > TOKEN_ID["<unk>"]  # not <cls>, <pad>, <eos>
+        draw = torch.rand(tokens.shape, device=tokens.device)
+        modified = residue & (draw < self.modify)
+        share = draw / self.modify  # uniform in [0, 1) over the modified positions
+        out = tokens.clone()
+        out[modified & (share < self.mask)] = MASK
+        perturb = modified & (share >= self.mask) & (share < self.mask + self.perturb)
+        standard = STANDARD.to(tokens.device)
+        out[perturb] = standard[torch.randint(len(standard), (int(perturb.sum()),), device=tokens.device)]
+        return out
+
+
 class AdapterModule(pl.LightningModule):
-    def __init__(self, model: TaskModel, task: Task, optim: dict, val_records: list,
-                 scale: TargetScale):
+    def __init__(self, model: TaskModel, task: Task, optim: OptimConfig, val_records: list,
+                 scale: TargetScale, masking: InputMasking = InputMasking()):
         super().__init__()
-        self.model, self.task, self.optim = model, task, optim
+        self.model, self.task, self.optim, self.masking = model, task, optim, masking
         self.val_records, self.scale = val_records, scale
         self._val_outputs: dict[int, np.ndarray] = {}  # index in the validation split -> output
 
@@ -31,7 +66,7 @@ class AdapterModule(pl.LightningModule):
         return F.cross_entropy(outputs, targets)
 
     def training_step(self, batch, _idx):
-        outputs, _ = self.model(batch["tokens"])
+        outputs, _ = self.model(self.masking(batch["tokens"]))
         loss = self.loss(outputs, batch["targets"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["tokens"]))
         return loss
@@ -64,26 +99,16 @@ class AdapterModule(pl.LightningModule):
         self.log(f"val/{self.task.metric}", result[self.task.metric], prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        lr = self.optim["lr"]
-        encoder_lr = self.optim.get("encoder_lr") or lr
+        o = self.optim
         head = [p for p in self.model.head.parameters() if p.requires_grad]
         encoder = [p for p in self.model.encoder.parameters() if p.requires_grad]
-        groups = [{"params": head, "lr": lr}] + ([{"params": encoder, "lr": encoder_lr}] if encoder else [])
-        name = self.optim["name"].lower()
-        if name not in ("adamw", "adam"):
-            raise ValueError(f"model.optim.name={name!r}: expected adamw or adam")
-        optimizer = (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(
-            groups, weight_decay=self.optim["weight_decay"])
+        groups = [{"params": head, "lr": o.lr}] + ([{"params": encoder, "lr": o.encoder_lr or o.lr}] if encoder else [])
+        name = o.name.lower()
+        if name not in OPTIMIZERS:
+            raise ValueError(f"model.finetuning_optim.name={o.name!r}: expected one of {sorted(OPTIMIZERS)}")
+        optimizer = OPTIMIZERS[name](groups, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.optim["warmup_steps"], total // 10 + 1)
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(o, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):
@@ -96,3 +121,46 @@ class AdapterModule(pl.LightningModule):
         state = self.state_dict()
         state.update(checkpoint["state_dict"])
         checkpoint["state_dict"] = state
+
+
+# NeMo's adam is torch's Adam (L2 weight decay); its fused_adam (apex FusedAdam, adam_w_mode) is AdamW.
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "fused_adam": torch.optim.AdamW}
+
+
+def schedule(optim: OptimConfig, total: int):
+    """step -> learning-rate factor (of each group's lr) over `total` optimiser steps.
+    WarmupCosine (this project's): linear warm-up (at most a tenth of the run), then cosine to 10%.
+    NeMo's, as NeMo computes them: warm-up (step+1)/(warmup+1) over warmup_steps, or warmup_ratio x
+    total (a ratio above 1 keeps the whole run in warm-up, as NeMo does), then WarmupAnnealing:
+    linear to min_lr; CosineAnnealing: cosine to min_lr; constant: 1 throughout."""
+    sched, lr = optim.sched, optim.lr
+    name = sched.name
+    if name == "WarmupCosine":
+        warmup = min(sched.warmup_steps or 0, total // 10 + 1)
+
+        def ours(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return ours
+    if name == "constant":
+        return lambda step: 1.0
+    if name not in ("WarmupAnnealing", "CosineAnnealing"):
+        raise ValueError(f"model.finetuning_optim.sched.name={name!r}: expected WarmupCosine, WarmupAnnealing, "
+                         f"CosineAnnealing or constant")
+    if sched.warmup_steps is not None and sched.warmup_ratio is not None:
+        raise ValueError("model.finetuning_optim.sched: warmup_steps or warmup_ratio, not both (as in NeMo)")
+    warmup = sched.warmup_steps if sched.warmup_steps is not None else int((sched.warmup_ratio or 0) * total)
+    floor = sched.min_lr / lr
+
+    def nemo(step: int) -> float:
+        if warmup > 0 and step <= warmup:
+            return (step + 1) / (warmup + 1)
+        if step > total:
+            return floor
+        progress = (step - warmup) / max(1, total - warmup)
+        if name == "WarmupAnnealing":
+            return floor + (1 - progress) * (1 - floor)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return nemo
