@@ -34,11 +34,12 @@ def server(tmp_path_factory):
     make_bundle(load_base(str(base_dir)), registry, "ss", rank=4, seed=1)
     token_file = root / "token"
     token_file.write_text("first-secret\n")
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     args = {"registry": str(registry), "base": str(base_dir), "r_max": 8, "auth_token_file": str(token_file)}
-    service.start(args, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2, http_port=free_port(),
+    service.start(args, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2, http_port=http_port,
                   token="first-secret", max_ongoing_requests=1, max_queued_requests=1)
-    yield {"target": f"127.0.0.1:{grpc_port}", "grpc": grpc_port, "metrics": metrics_port, "token_file": token_file}
+    yield {"target": f"127.0.0.1:{grpc_port}", "grpc": grpc_port, "metrics": metrics_port, "token_file": token_file,
+           "http": f"http://127.0.0.1:{http_port}"}
     service.stop()
 
 
@@ -61,6 +62,31 @@ def test_every_rpc_needs_the_token(server):
             == grpc.StatusCode.UNAUTHENTICATED
     assert client.predict(target, "ss", ["MKTAY"], token="first-secret").predictions[0].labels
     assert client.list_adapters(target, token="first-secret").adapters[0].name == "ss"
+
+
+def test_http_needs_the_same_token_and_probes_need_none(server):
+    import json
+    import urllib.error
+    import urllib.request
+
+    def call(path, token=None, body=None):
+        request = urllib.request.Request(server["http"] + path, data=json.dumps(body).encode() if body else None,
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    predict = {"adapter": "ss", "sequences": ["MKT"]}
+    for token in (None, "wrong"):
+        assert call("/v1/predict", token, predict) == 401 and call("/v1/adapters", token) == 401
+        assert call("/v1/embed", token, {"sequences": ["MKT"]}) == 401
+    assert call("/v1/predict", "first-secret", predict) == 200 and call("/v1/adapters", "first-secret") == 200
+    assert call("/v1/health/live") == 200 and call("/v1/health/ready") == 200  # what probes call
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # a kubelet sends no token either
+    check = health_pb2_grpc.HealthStub(grpc.insecure_channel(server["target"])).Check
+    assert check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_rotated_token_file_takes_effect_without_restart(server):

@@ -160,7 +160,7 @@ def test_schemas_catch_mistakes():
 def test_serve_config_runs_our_app_with_options_the_code_accepts(values_set):
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.serve.app import SERVICER, ServiceConfig
+    from serving.serve.app import SERVICERS, ServiceConfig
     docs = render(values_set)
     config = serve_config(docs)
     schema = ServeDeploySchema.parse_obj(config)
@@ -172,7 +172,7 @@ def test_serve_config_runs_our_app_with_options_the_code_accepts(values_set):
     for path in config["grpc_options"]["grpc_servicer_functions"]:
         module, _, attr = path.rpartition(".")
         assert callable(getattr(importlib.import_module(module), attr))
-    assert config["grpc_options"]["grpc_servicer_functions"] == [SERVICER]
+    assert config["grpc_options"]["grpc_servicer_functions"] == SERVICERS
     (deployment,) = app.deployments
     assert deployment.name == "AdapterServer"
     assert deployment.max_ongoing_requests >= app.args["max_batch_size"]

@@ -4,7 +4,7 @@ from pathlib import Path
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serving.serve.app import SERVICER, ServiceConfig, build
+from serving.serve.app import SERVICERS, ServiceConfig, build
 
 CONFIG = Path(__file__).resolve().parent.parent / "serving" / "serve" / "serve_config.yaml"
 
@@ -14,7 +14,7 @@ def test_serve_config_is_valid_and_builds_the_app():
     schema = ServeDeploySchema.parse_obj(data)
     app = schema.applications[0]
     assert app.import_path == "serving.serve.app:build"
-    assert data["grpc_options"]["grpc_servicer_functions"] == [SERVICER]
+    assert data["grpc_options"]["grpc_servicer_functions"] == SERVICERS
     assert set(app.args) <= set(ServiceConfig.__dataclass_fields__)
     assert build(app.args) is not None  # the import path resolves and accepts the args
     deployment = app.deployments[0]

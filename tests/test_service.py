@@ -36,13 +36,13 @@ def server(tmp_path_factory):
     make_bundle(base, registry, "ss", rank=4, seed=1)
     make_bundle(base, registry, "cls", rank=2, kind=SEQUENCE_CLASS, seed=2)
     make_bundle(base, registry, "toobig", rank=32, seed=3)
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     args = {"registry": str(registry), "base": str(base_dir), "r_max": 8, "max_sequences_per_request": 8,
             "max_residues_per_request": 20_000, "max_embed_values": 100_000, "registry_poll_s": 0.25,
             "batch_wait_timeout_s": 0.05}
-    service.start(args, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2, http_port=free_port())
+    service.start(args, grpc_port, metrics_port, num_cpus=0.5, ray_cpus=2, http_port=http_port)
     yield {"target": f"127.0.0.1:{grpc_port}", "metrics": metrics_port, "registry": registry,
-           "base": base, "base_dir": base_dir}
+           "base": base, "base_dir": base_dir, "http": f"http://127.0.0.1:{http_port}"}
     service.stop()
 
 

@@ -18,7 +18,7 @@ from dataclasses import fields
 import yaml
 
 from serving.serve import tls_front
-from serving.serve.app import SERVICER, ServiceConfig
+from serving.serve.app import SERVICERS, ServiceConfig
 from serving.serve.auth import TokenCheck
 from modeling import ray_auth
 from serving.serve.metrics_front import MetricsFront
@@ -54,9 +54,10 @@ _running: list = []  # what start() set up besides Ray and Serve, undone by stop
 def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, num_cpus: float = 0.5,
           num_gpus: float = 0.0, ray_cpus: int | None = None, http_port: int = 0, token: str | None = None,
           max_ongoing_requests: int | None = None, max_queued_requests: int = 1024, access_log: bool = False,
-          metrics_host: str = "0.0.0.0", ray_token_file: str | None = None):
+          metrics_host: str = "0.0.0.0", ray_token_file: str | None = None, http_host: str = "127.0.0.1"):
     """Embedded Ray + Serve, its control plane closed (modeling.ray_auth: token authentication, every
-    Ray port on loopback); the gRPC port and the metrics port are the service's only open doors.
+    Ray port on loopback); the gRPC port, the HTTP port (on `http_host`) and the metrics port are
+    the service's only open doors.
     Returns the first ListAdapters answer once the app is RUNNING (base loaded, warm) and routable.
     `token` is the gRPC bearer token clients send; `ray_token_file` Ray's own (default: made now)."""
     import ray
@@ -81,8 +82,8 @@ def start(args: dict, grpc_port: int, metrics_port: int, num_replicas: int = 1, 
                  _temp_dir=os.environ.get("ESM_ADAPTERS_RAY_TMP", tempfile.gettempdir() + "/esm-adapters-ray"),
                  namespace=APP_NAME, logging_level=logging.WARNING)
         _running.append(MetricsFront(metrics_host, metrics_port, ray_metrics).stop)
-        serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]),
-                    http_options={"host": "127.0.0.1", "port": http_port})
+        serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICERS),
+                    http_options={"host": http_host, "port": http_port})
         app = AdapterServer.options(
             num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
             max_ongoing_requests=max_ongoing_requests or max(256, 2 * config.max_batch_size),
