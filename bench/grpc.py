@@ -49,7 +49,7 @@ class InFlight:
 
     def __init__(self, target: str, concurrency: int):
         self.caller = client.AdapterClient(target)
-        self.caller.list_adapters()  # connected before the first timed call
+        self.caller.adapters()  # connected before the first timed call
         self.concurrency, self.window = concurrency, threading.Semaphore(concurrency)
         self.records: list[tuple[float, float, str | None]] = []
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise
-from modeling.fasta import fasta_entries, parse_header
+from esm_adapters.fasta import fasta_entries, parse_header
 from modeling.heads import PER_RESIDUE, REGRESSION
 from training import flip
 from training.tasks import Task, with_overrides

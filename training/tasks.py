@@ -19,7 +19,7 @@ import yaml
 from modeling.registry import NAME_RE
 from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
 
-DATASETS = Path(__file__).resolve().parent.parent / "datasets"
+DATASETS = Path(__file__).resolve().parent / "datasets"  # installed with the package (package data)
 BUILTIN = Path(__file__).resolve().parent / "tasks"
 # BioNeMo's task_type names and ours
 KINDS = {PER_RESIDUE: PER_RESIDUE, "token-level-classification": PER_RESIDUE,
@@ -42,7 +42,7 @@ class Task:
     label_column: str = "target"  # CSV column (FASTA: the TARGET= header field)
     mask_column: str | None = None  # per-residue 0/1 string: only residues marked 1 are scored
     metric: str = ""  # what early stopping and checkpointing watch; "" = the kind's default
-    data: str | None = None  # default data: a path (relative to datasets/ for built-ins) or flip:TASK/SPLIT
+    data: str | None = None  # default data: a path (relative to training/datasets/ for built-ins) or flip:TASK/SPLIT
     split: str | None = None  # the FLIP split to read from a FLIP zip/folder or flip:TASK
     flip_name: str | None = None  # this task's name in FLIP (and in BioNeMo's task_name)
     label_aliases: dict[str, str] = field(default_factory=dict)  # raw label -> label
@@ -97,7 +97,7 @@ class Task:
         return {k: v for k, v in out.items() if v not in (None, "", {}, False) or k in ("name", "kind", "labels")}
 
     def default_data(self) -> str | None:
-        """The default data as a path (built-ins: under datasets/) or a flip: reference."""
+        """The default data as a path (built-ins: under training/datasets/) or a flip: reference."""
         if self.data is None or self.data.startswith("flip:"):
             return self.data
         path = Path(self.data)

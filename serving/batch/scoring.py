@@ -65,7 +65,7 @@ def input_files(patterns: list[str]) -> list[Path]:
 
 def fasta_rows(row: dict) -> list[dict]:
     """One whole FASTA file (Ray Data's binary reader) -> one row per record."""
-    from modeling.fasta import fasta_entries  # the same FASTA reader training uses
+    from esm_adapters.fasta import fasta_entries  # the same FASTA reader training and the client use
 
     text = row["bytes"].decode()
     return [{"id": header.split()[0] if header.split() else "", "sequence": body, "source": row["path"]}

@@ -12,8 +12,7 @@ import hmac
 import os
 from pathlib import Path
 
-TOKEN_FILE_ENV = "ESM_ADAPTERS_AUTH_TOKEN_FILE"
-TOKEN_ENV = "ESM_ADAPTERS_AUTH_TOKEN"
+from esm_adapters.client import TOKEN_ENV, TOKEN_FILE_ENV  # one name for the service and its clients
 
 
 class Unauthenticated(Exception):

@@ -1,10 +1,10 @@
-"""How datasets/scl/deeploc1_flip.csv was made from Light Attention's DeepLoc 1.0 files.
+"""How training/datasets/scl/deeploc1_flip.csv was made from Light Attention's DeepLoc 1.0 files.
 
 FLIP's scl `mixed_soft` split = LA train + deeploc_our_val_set (validation) + deeploc_test_set (test).
 The LA training FASTA was not obtainable offline, so the vendored default trains on the DeepLoc
 validation set (every 10th row held out for validation) and tests on the DeepLoc test set.
 Rows labelled `Cytoplasm-Nucleus` (not a FLIP class) and setHARD are left out.
-Run: python datasets/prepare_scl.py deeploc1_val_test_setHARD.csv datasets/scl/deeploc1_flip.csv
+Run: python training/datasets/prepare_scl.py deeploc1_val_test_setHARD.csv training/datasets/scl/deeploc1_flip.csv
 """
 import csv
 import sys

@@ -1,5 +1,5 @@
-"""FASTA text: entries, and FLIP-style headers (`>id KEY=value ...`). Shared by training's data
-readers and serving's batch job."""
+"""FASTA text: entries, and FLIP-style headers (`>id KEY=value ...`). One reader for training's data,
+the batch job and the client (importable without torch)."""
 from __future__ import annotations
 
 import re
@@ -22,3 +22,9 @@ def fasta_entries(text: str) -> list[tuple[str, str]]:
     if header is not None:
         entries.append((header, "".join(body)))
     return entries
+
+
+def read_fasta(path: str) -> list[tuple[str, str]]:
+    """(id, sequence) of every entry of a FASTA file; the id is the header's first word."""
+    with open(path) as f:
+        return [(parse_header(header)[0], body) for header, body in fasta_entries(f.read())]
