@@ -334,7 +334,7 @@ def main() -> None:
         fresh = Engine(load_base(args.base), registry, EngineConfig(**config))
 
         # ONNX vs torch, merged, batch 8 x 256
-        from serving.batch.export_onnx import export
+        from serving.engine.onnx_export import export
         from serving.engine.onnx_runner import OnnxModel
         onnx_path = export(fresh, warm64[0], Path(tmp) / "m.onnx")
         onnx_model = OnnxModel(onnx_path)

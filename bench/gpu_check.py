@@ -609,6 +609,7 @@ def fit_end_to_end(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[st
     it; `training.evaluate` scores it again on the CPU; the engine serves it on the device and on the
     CPU (float32)."""
     from training import evaluate, fit
+    from training.run import run
 
     f = plan.fit
     failures = []
@@ -630,7 +631,7 @@ def fit_end_to_end(plan: Plan, bases: Bases, clock: Clock, out: dict) -> list[st
                 f"s{i},{r.sequence},{r.label},{r.mask or '1' * len(r.sequence)}\n" for i, r in enumerate(records[low:high])))
         clock.check("training.fit")
         precision = "bf16-mixed" if plan.device == "cuda" else "32-true"
-        summary = fit.run(fit.parse_args([
+        summary = run(fit.parse_args([
             *base_args, "--task", "sec_str", *(a for split, path in files.items() for a in (f"--{split}", str(path))),
             "--registry", str(tmp / "registry"), "--run-dir", str(tmp / "runs"), "--name", "fit-check",
             "--rank", str(f["rank"]), "--max-steps", str(f["steps"]), "--batch-size", str(f["batch"]),

@@ -18,12 +18,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
-from safetensors.torch import load, save_file
+from modeling.kinds import KINDS, PER_RESIDUE, REGRESSION, HeadSpec
 
-from modeling.heads import KINDS, PER_RESIDUE, REGRESSION, HeadSpec
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported where tensors are read or written: the manifest's rules, names and
+# checks stay importable by the light command lines (`--help`, `registry list` start-up).
 
 FORMAT = "esm-adapters/bundle@1"
 MANIFEST = "manifest.json"
@@ -35,7 +38,7 @@ ENCODER_WEIGHTS = "encoder.safetensors"  # full fine-tuning only: the whole enco
 MODES = ("lora", "frozen", "full")
 
 
-WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")  # torch dtypes, by name
 _HASHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bundle-sha256")
 T = TypeVar("T")
 
@@ -197,9 +200,10 @@ def check_head(head: dict, kind: str, outputs: int) -> HeadSpec:
     return HeadSpec(**head)
 
 
-def write_bundle(folder: Path, manifest: dict, tensors: dict[str, dict[str, torch.Tensor]],
+def write_bundle(folder: Path, manifest: dict, tensors: dict[str, dict[str, "torch.Tensor"]],
                  json_files: dict[str, dict]) -> dict:
     """Write files, then the manifest with their checksums (last: it makes the bundle exist)."""
+    from safetensors.torch import save_file
     folder.mkdir(parents=True, exist_ok=True)
     for fname, group in tensors.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, folder / fname)
@@ -287,6 +291,7 @@ def first_non_finite(group: dict[str, torch.Tensor]) -> str | None:
     2 ms, where an element-wise check of each took 20 ms of a 50 ms load."""
     if not group:
         return None
+    import torch
     sums = torch.stack([tensor.sum(dtype=torch.float32) for tensor in group.values()])
     if torch.isfinite(sums).all():
         return None
@@ -336,13 +341,15 @@ def read_bundle(folder: Path, prepare: Callable[[Bundle], T] = lambda bundle: bu
 def parse_bundle(folder: Path, manifest: dict, contents: dict[str, bytes]) -> Bundle:
     """The bundle's tensors and config from its files' bytes, each checked for dtype and finiteness.
     Each file's bytes leave `contents` once parsed (a full fine-tune's are the whole encoder)."""
-    def tensors(fname: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    def tensors(fname: str) -> dict[str, "torch.Tensor"]:
         try:
             group = load(contents.pop(fname)) if fname in contents else {}
         except Exception as exc:  # safetensors raises its own error types
             raise BundleError(f"{folder}: {fname} is not a valid safetensors file ({exc})") from exc
         for key, tensor in group.items():  # checksums prove integrity, not sanity
-            if tensor.dtype not in WEIGHT_DTYPES:
+            if str(tensor.dtype).removeprefix("torch.") not in WEIGHT_DTYPES:
                 raise BundleError(f"{key}: dtype {tensor.dtype} is not a weight dtype {WEIGHT_DTYPES}")
         if key := first_non_finite(group):
             raise BundleError(f"{key}: weights are not finite (NaN or Inf)")

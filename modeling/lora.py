@@ -17,15 +17,10 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-ALL_TARGETS = ATTENTION_TARGETS + ("fc1", "fc2")
-# BioNeMo / NeMo names for the same projections.
-TARGET_ALIASES = {"attention_qkv": ("q_proj", "k_proj", "v_proj"), "attention_dense": ("out_proj",),
-                  "mlp_fc1": ("fc1",), "mlp_fc2": ("fc2",), "query": ("q_proj",), "key": ("k_proj",),
-                  "value": ("v_proj",)}
+from modeling.targets import ALL_TARGETS, ATTENTION_TARGETS, PEFT_PREFIX, TARGET_ALIASES  # noqa: F401
+
 INIT_METHODS = ("xavier", "zero", "normal", "kaiming")
 POSITION_STRATEGIES = (None, "none", "add")
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from modeling import bundle as bundles
 from modeling.bundle import BundleError, shown
-from modeling.lora import ATTENTION_TARGETS
+from modeling.targets import ATTENTION_TARGETS
 
 STAGING = ".staging"
 CLAIMS = ".claimed"

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from training.config import ConfigError, FitConfig, load_config
-from training.fit import default_name, lora_spec, parse_args
+from training.fit import parse_args
+from training.run import default_name, lora_spec
 from training.module import schedule
 from training.task_config import resolve_task
 

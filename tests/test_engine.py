@@ -294,7 +294,7 @@ REDUCED_TOLERANCE = {"bfloat16": 0.01, "float16": 0.002, "int8": 0.02}
 
 @pytest.mark.parametrize("precision", sorted(REDUCED_TOLERANCE))
 def test_reduced_precision_agrees_with_float32_within_stated_tolerance(tiny_base_dir, registry, tmp_path, precision):
-    from serving.batch.export_onnx import export
+    from serving.engine.onnx_export import export
     from serving.engine.int8 import Int8Linear
     option = {"quantize": precision} if precision == "int8" else {"dtype": precision}
     base = load_base(str(tiny_base_dir))

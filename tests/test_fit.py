@@ -9,25 +9,25 @@ from modeling import registry as store
 from modeling.alphabet import tokenize
 from modeling.base import load_base
 from modeling.model import load_task_model
-from training import evaluate, fit
+from training import evaluate, fit, run
 
 
 def train(tmp_path, base_dir, data, *extra):
     argv = ["--base", str(base_dir), "--data-dir", str(data), "--registry", str(tmp_path / "reg"),
             "--run-dir", str(tmp_path / "runs"), "--max-steps", "6", "--batch-size", "4", *extra]
     config = fit.parse_args(argv)
-    return config, fit.run(config)
+    return config, run.run(config)
 
 
 def test_lora_round_trip_publish_reload_identical(tmp_path, tiny_base_dir, sec_str_csv, monkeypatch):
     captured = {}
-    original = fit.write_bundle
+    original = run.write_bundle
 
     def spy(staged, config, base, task, model, *rest):
         captured["model"] = model
         return original(staged, config, base, task, model, *rest)
 
-    monkeypatch.setattr(fit, "write_bundle", spy)
+    monkeypatch.setattr(run, "write_bundle", spy)
     config, summary = train(tmp_path, tiny_base_dir, sec_str_csv, "--rank", "4", "--name", "ss")
     folder = tmp_path / "reg" / "ss" / "1"
     assert summary["published"] == str(folder)
@@ -83,7 +83,7 @@ def test_failed_run_leaves_nothing_in_the_registry(tmp_path, tiny_base_dir, sec_
         (staged / "adapter_model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(fit, "write_bundle", broken)
+    monkeypatch.setattr(run, "write_bundle", broken)
     with pytest.raises(OSError, match="disk full"):
         train(tmp_path, tiny_base_dir, sec_str_csv, "--rank", "2", "--max-steps", "1")
     registry = tmp_path / "reg"

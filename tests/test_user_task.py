@@ -10,6 +10,7 @@ from modeling import bundle as bundles
 from modeling import registry as store
 from serving import client, serve as service
 from training import evaluate, fit
+from training.run import run
 
 BINDING = """\
 name: my-binding
@@ -71,8 +72,8 @@ def trained(tmp_path_factory, tiny_base_dir):
     argv = ["--task-file", str(task_file), "--base", str(tiny_base_dir), "--data-dir", str(root / "data"),
             "--registry", str(root / "adapters"), "--run-dir", str(root / "runs"), "--rank", "4",
             "--max-steps", "8", "--batch-size", "8"]
-    summary = fit.run(fit.parse_args(argv))
-    fit.run(fit.parse_args(["--config", str(bionemo_config(root, tiny_base_dir)), "--registry", str(root / "adapters"),
+    summary = run(fit.parse_args(argv))
+    run(fit.parse_args(["--config", str(bionemo_config(root, tiny_base_dir)), "--registry", str(root / "adapters"),
                             "--run-dir", str(root / "runs")]))
     return root, summary
 
@@ -131,7 +132,7 @@ def test_flags_declare_a_sequence_task_with_inferred_classes(tmp_path, tiny_base
         seq = "".join(rng.choice(STANDARD) for _ in range(20))
         rows.append(f"{seq},{'yes' if seq.count('K') > 1 else 'no'},{'test' if i >= 26 else 'train'}")
     (tmp_path / "sol.csv").write_text("\n".join(rows) + "\n")
-    summary = fit.run(fit.parse_args([
+    summary = run(fit.parse_args([
         "--task", "solubility", "--kind", "sequence_class", "--label-column", "soluble", "--base", str(tiny_base_dir),
         "--data-dir", str(tmp_path / "sol.csv"), "--registry", str(tmp_path / "reg"), "--run-dir", str(tmp_path / "r"),
         "--rank", "2", "--max-steps", "3"]))

@@ -23,7 +23,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from modeling.lora import ATTENTION_TARGETS
+from modeling.targets import ATTENTION_TARGETS
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from modeling.alphabet import MAX_RESIDUES, SequenceError, normalise
 from esm_adapters.fasta import fasta_entries, parse_header
-from modeling.heads import PER_RESIDUE, REGRESSION
+from modeling.kinds import PER_RESIDUE, REGRESSION
 from training import flip
 from training.tasks import Task, with_overrides
 

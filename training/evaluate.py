@@ -15,19 +15,19 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from modeling.base import load_base
 from modeling.bundle import BundleError
-from modeling.model import load_task_model
 from training.data import DataError, crop, read_file
-from training.datamodule import TargetScale
-from training.fit import resolve_bundle
-from training.predict import predict, score, scoring_device
 from training.tasks import get_task, task_from_dict
 
 
 def evaluate(adapter: str, data: Path, task_name: str | None = None, registry: Path = Path("adapters"),
              base_spec: str | None = None, batch_size: int = 16, device: str = "auto") -> dict:
     """device: auto (the GPU when torch sees one), cuda or cpu."""
+    from modeling.base import load_base  # torch loads here, after the arguments are read
+    from modeling.model import load_task_model
+    from training.datamodule import TargetScale
+    from training.predict import predict, score, scoring_device
+    from training.run import resolve_bundle
     device = scoring_device(device)
     bundle = resolve_bundle(adapter, registry)
     manifest = bundle.manifest

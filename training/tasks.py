@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from modeling.registry import NAME_RE
-from modeling.heads import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
+from modeling.kinds import PER_RESIDUE, REGRESSION, SEQUENCE_CLASS
 
 DATASETS = Path(__file__).resolve().parent / "datasets"  # installed with the package (package data)
 BUILTIN = Path(__file__).resolve().parent / "tasks"

@@ -31,8 +31,8 @@ import uuid
 from pathlib import Path
 
 from modeling.alphabet import SequenceError, normalise, within_limit
-from modeling.heads import PER_RESIDUE, REGRESSION
-from serving.engine.int8 import QUANTIZE, check_quantize
+from modeling.kinds import PER_RESIDUE, REGRESSION
+from serving.engine.config import QUANTIZE, check_quantize
 
 log = logging.getLogger("serving.batch")
 FORMATS = {".fasta": "fasta", ".fa": "fasta", ".faa": "fasta", ".csv": "csv", ".tsv": "tsv",

@@ -3,18 +3,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from modeling import registry as store
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("none", "int8")
 LIMITS = store.ServeLimits()
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str):
+    """The torch dtype of a `dtype` option (torch is imported here: this module stays light)."""
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r}: one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    import torch
+    return getattr(torch, name)
+
+
+def check_quantize(quantize: str, device: str = "cpu", dtype: str = "float32") -> None:
+    """Refuse what this process cannot serve, before any model is built (ValueError says why)."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize {quantize!r}: one of {list(QUANTIZE)}")
+    if quantize == "none":
+        return
+    if device not in ("cpu", "auto"):
+        raise ValueError(f"quantize=int8 runs on the CPU only (device {device!r}); on a GPU use dtype=bfloat16")
+    if dtype != "float32":
+        raise ValueError(f"quantize=int8 keeps activations, LoRA terms and heads in float32; dtype {dtype!r} "
+                         f"cannot be combined with it")
+    from serving.engine.int8 import kernel_missing
+    if missing := kernel_missing():
+        raise ValueError(f"quantize=int8: this CPU/torch build has no INT8 linear kernel: {missing}")
 
 
 @dataclass

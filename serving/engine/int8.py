@@ -18,32 +18,16 @@ import warnings
 import torch
 from torch import nn
 
-QUANTIZE = ("none", "int8")
-
-
-def check_quantize(quantize: str, device: str = "cpu", dtype: str = "float32") -> None:
-    """Refuse what this process cannot serve, before any model is built (ValueError says why)."""
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize {quantize!r}: one of {list(QUANTIZE)}")
-    if quantize == "none":
-        return
-    if device not in ("cpu", "auto"):
-        raise ValueError(f"quantize=int8 runs on the CPU only (device {device!r}); on a GPU use dtype=bfloat16")
-    if dtype != "float32":
-        raise ValueError(f"quantize=int8 keeps activations, LoRA terms and heads in float32; dtype {dtype!r} "
-                         f"cannot be combined with it")
-    if missing := _kernel_missing():
-        raise ValueError(f"quantize=int8: this CPU/torch build has no INT8 linear kernel "
-                         f"(quantized engines: {torch.backends.quantized.supported_engines}): {missing}")
+from serving.engine.config import QUANTIZE, check_quantize  # noqa: F401  (their home: light)
 
 
 @functools.cache
-def _kernel_missing() -> str | None:
+def kernel_missing() -> str | None:
     """Why a tiny Int8Linear cannot run here, or None (probed once per process: every start checks)."""
     try:
         Int8Linear(nn.Linear(4, 4))(torch.zeros(1, 4))
     except (RuntimeError, AttributeError) as exc:  # no quantized engine / kernels in this torch build
-        return str(exc)
+        return f"quantized engines {torch.backends.quantized.supported_engines}: {exc}"
     return None
 
 

@@ -26,14 +26,11 @@ from modeling.base import load_base
 from serving.engine import Engine, EngineConfig, InferenceError, Prediction
 from serving.registry import AdapterNotFound, AdapterRefused, RegistryUnavailable
 from serving.serve.auth import TokenCheck, Unauthenticated
-from serving.serve.config import ServiceConfig
+from serving.serve.config import SERVICER, SERVICERS, ServiceConfig  # noqa: F401  (SERVICER*: for Serve configs)
 from serving.serve.http import HttpFront, api
 
 log = logging.getLogger("serving.serve.app")
-SERVICER = "esm_adapters.v1.adapters_pb2_grpc.add_AdapterServiceServicer_to_server"
-# grpc.health.v1, answered by the same deployment (Check below): Kubernetes' native gRPC probes
-HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
-SERVICERS = [SERVICER, HEALTH_SERVICER]
+
 WARMUP = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWUAIGLNGELLKAGLIQGSE"
 
 

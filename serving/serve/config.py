@@ -8,6 +8,10 @@ from modeling import registry as store
 from serving.engine.config import EngineConfig
 
 LIMITS = store.ServeLimits()
+SERVICER = "esm_adapters.v1.adapters_pb2_grpc.add_AdapterServiceServicer_to_server"
+# grpc.health.v1, answered by the same deployment (AdapterServer.Check): Kubernetes' native gRPC probes
+HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
+SERVICERS = [SERVICER, HEALTH_SERVICER]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import fields
 import yaml
 
 from serving.serve import tls_front
-from serving.serve.app import SERVICERS, ServiceConfig
+from serving.serve.config import SERVICERS, ServiceConfig
 from serving.serve.auth import TokenCheck
 from modeling import ray_auth
 from serving.serve.metrics_front import MetricsFront
