@@ -64,4 +64,8 @@ EXPOSE 9000 8000 9100 9443
 # grpc.health.v1: SERVING once the replica is warm; needs no token, never fails on a registry problem
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
     CMD ["python3", "-m", "serving.client", "--target", "127.0.0.1:9000", "health"]
-CMD ["python3", "-m", "serving.serve", "--registry", "/mnt/adapters", "--grpc-port", "9000", "--metrics-port", "9100"]
+# A container's ports are reached from outside it: HTTP and metrics on every interface; every call
+# needs the bearer token (mount one at $ESM_ADAPTERS_AUTH_TOKEN_FILE, or read the one made at start
+# from /home/esm/.config/esm-adapters/token).
+CMD ["python3", "-m", "serving.serve", "--registry", "/mnt/adapters", "--grpc-port", "9000", "--http-port", "8000", \
+     "--http-host", "0.0.0.0", "--metrics-port", "9100", "--metrics-host", "0.0.0.0"]

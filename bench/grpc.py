@@ -32,7 +32,8 @@ from esm_adapters.v1 import adapters_pb2 as pb
 from modeling.base import load_base
 from serving import client
 from serving import serve as service
-from serving.serve.app import MODEL_MS, ServiceConfig
+from serving.serve.app import MODEL_MS
+from serving.serve.config import ServiceConfig
 from serving.engine import Engine, EngineConfig
 from serving.serve.ports import free_port
 

@@ -38,6 +38,9 @@ RETRY_POLICY = {"methodConfig": [{
     "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s",
                     "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}
 DEFAULT_TARGET = "127.0.0.1:9000"
+# Where `serving.serve` keeps the token it makes when given none (0600); the clients on the same
+# machine read it when nothing else names a token.
+DEFAULT_TOKEN_FILE = os.path.join(os.environ.get("XDG_CONFIG_HOME") or "~/.config", "esm-adapters", "token")
 
 
 # ---- answers, as plain Python ---------------------------------------------------------------------
@@ -124,8 +127,11 @@ def listing_of(response: pb.ListAdaptersResponse) -> Listing:
 
 # ---- connections ----------------------------------------------------------------------------------
 def token_from(path: str | None = None) -> str | None:
-    """`path`, else $ESM_ADAPTERS_AUTH_TOKEN_FILE, else $ESM_ADAPTERS_AUTH_TOKEN, else none."""
+    """`path`, else $ESM_ADAPTERS_AUTH_TOKEN_FILE, else $ESM_ADAPTERS_AUTH_TOKEN, else the token a
+    local `serving.serve` made (DEFAULT_TOKEN_FILE), else none."""
     path = path or os.environ.get(TOKEN_FILE_ENV)
+    if not path and not os.environ.get(TOKEN_ENV) and os.path.isfile(os.path.expanduser(DEFAULT_TOKEN_FILE)):
+        path = os.path.expanduser(DEFAULT_TOKEN_FILE)
     if path:
         try:
             token = open(path).read().strip()
@@ -272,7 +278,7 @@ def connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     parser.add_argument("--target", default=d(DEFAULT_TARGET), help=f"HOST:PORT of the gRPC service "
                         f"(default {DEFAULT_TARGET})")
     parser.add_argument("--token-file", default=d(None), help=f"bearer token (default ${TOKEN_FILE_ENV}, "
-                        f"then ${TOKEN_ENV}; none if neither is set)")
+                        f"then ${TOKEN_ENV}, then {DEFAULT_TOKEN_FILE}; none if none is there)")
     parser.add_argument("--tls", action="store_true", default=d(False), help="TLS, trusting the system's CAs")
     parser.add_argument("--tls-ca", default=d(None), help="TLS, trusting only this PEM certificate or CA")
 

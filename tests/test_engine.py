@@ -393,7 +393,7 @@ def test_unservable_quantize_options_are_refused(tiny_base_dir, registry, option
 
 
 def test_int8_on_a_gpu_is_refused_before_any_replica_starts():
-    from serving.serve.app import ServiceConfig
+    from serving.serve.config import ServiceConfig
     with pytest.raises(ValueError, match="CPU only"):
         ServiceConfig.from_args({"quantize": "int8", "device": "cuda"})
     assert ServiceConfig.from_args({"quantize": "int8"}).quantize == "int8"

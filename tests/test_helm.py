@@ -160,7 +160,7 @@ def test_schemas_catch_mistakes():
 def test_serve_config_runs_our_app_with_options_the_code_accepts(values_set):
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.serve.app import SERVICERS, ServiceConfig
+    from serving.serve.config import SERVICERS, ServiceConfig
     docs = render(values_set)
     config = serve_config(docs)
     schema = ServeDeploySchema.parse_obj(config)
@@ -261,9 +261,9 @@ def test_training_job_runs_a_command_training_accepts(values_set):
 
 def test_values_schema_matches_the_code():
     from modeling.lora import ALL_TARGETS
-    from serving.serve.app import ServiceConfig
+    from serving.serve.config import ServiceConfig
     from serving.engine import DTYPES
-    from serving.engine.int8 import QUANTIZE
+    from serving.engine.config import QUANTIZE
     from training.tasks import TASKS
     schema = json.loads((CHART / "values.schema.json").read_text())
     service = schema["properties"]["service"]["properties"]

@@ -4,7 +4,8 @@ from pathlib import Path
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serving.serve.app import SERVICERS, ServiceConfig, build
+from serving.serve.app import build
+from serving.serve.config import SERVICERS, ServiceConfig
 
 CONFIG = Path(__file__).resolve().parent.parent / "serving" / "serve" / "serve_config.yaml"
 

@@ -51,19 +51,23 @@ def evaluate(adapter: str, data: Path, task_name: str | None = None, registry: P
     return {"adapter": bundle.ref, "task": task.name, "data": str(data), "cropped": cropped, **result}
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, help="a bundle folder, or NAME[@VERSION] in --registry")
+    p.add_argument("--data", required=True, help="a CSV, FASTA or FLIP split zip; every row is scored")
+    p.add_argument("--task", help="the task to read the data as (default: the one recorded in the bundle)")
+    p.add_argument("--registry", default="adapters", help="the registry folder (default adapters)")
+    p.add_argument("--base", help="base weights (default: where the adapter was trained)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto (the default): the GPU when torch sees one")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--task")
-    parser.add_argument("--registry", default="adapters")
-    parser.add_argument("--base", help="base weights (default: where the adapter was trained)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="auto: the GPU when torch sees one")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         result = evaluate(args.adapter, Path(args.data), args.task, Path(args.registry), args.base,
                           args.batch_size, args.device)

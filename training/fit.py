@@ -54,24 +54,44 @@ STRING_FLAGS = {"task", "task_file", "kind", "labels", "label_column", "sequence
                 "ray_address", "ray_token_file"}
 
 
-def parse_args(argv: list[str]) -> FitConfig | None:
-    """The run's configuration from the command line (None: --list-tasks)."""
-    parser = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="a yaml file, composed with its defaults list (BioNeMo's keys accepted)")
-    parser.add_argument("--config-path", "-cp", help="Hydra's form: the folder of --config-name (default: here)")
-    parser.add_argument("--config-name", "-cn", help="Hydra's form: a yaml in --config-path, without .yaml")
-    parser.add_argument("--mode", choices=("lora", "frozen", "full"),
-                        help="lora (default): adapters + head; frozen: head only; full: everything")
+CHOICES = {"kind": ("per_residue", "sequence_class", "regression"), "init_a": ("xavier", "zero", "normal", "kaiming"),
+           "init_b": ("xavier", "zero", "normal", "kaiming"), "position_embedding": ("none", "add")}
+
+
+def default_of(key: str):
+    """A config key's default, from the typed config itself."""
+    value = FitConfig()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a yaml file, composed with its defaults list (BioNeMo's keys accepted)")
+    p.add_argument("--config-path", "-cp", help="Hydra's form: the folder of --config-name (default: here)")
+    p.add_argument("--config-name", "-cn", help="Hydra's form: a yaml in --config-path, without .yaml")
+    p.add_argument("--mode", choices=("lora", "frozen", "full"),
+                   help="lora (the default): adapters + head; frozen: head only; full: everything")
     for flag, key in FLAGS.items():
         names = ["--" + flag.replace("_", "-")] + (["--adapter-dim"] if flag == "rank" else [])  # BioNeMo's name
         extra = {"nargs": "?", "const": "true"} if flag == "tie" else {}  # bare --tie means true
-        parser.add_argument(*names, dest=flag, help=f"sets {key}" + (" (comma-separated)" if flag in LIST_FLAGS else ""),
-                            **extra)
-    parser.add_argument("--no-publish", action="store_true", help="train and evaluate only")
-    parser.add_argument("--list-tasks", action="store_true", help="print every known task and exit")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = parser.parse_args(argv)
+        default = default_of(key)
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        about = f"sets {key}" + (f" (default {shown})" if shown not in (None, "") else "") + \
+            (" (comma-separated)" if flag in LIST_FLAGS else "")
+        p.add_argument(*names, dest=flag, help=about, choices=CHOICES.get(flag), **extra)
+    p.add_argument("--no-publish", action="store_true", help="train and evaluate only (sets publish=false)")
+    p.add_argument("--list-tasks", action="store_true", help="print every known task and exit")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of any config key (Hydra's grammar)")
+    return p
+
+
+def parse_args(argv: list[str]) -> FitConfig | None:
+    """The run's configuration from the command line (None: --list-tasks)."""
+    parser_ = parser()
+    args = parser_.parse_args(argv)
     if args.list_tasks:
         return None
     overrides = list(MODE_OVERRIDES[args.mode]) if args.mode else []

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving.batch.export_onnx", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="NAME or NAME@VERSION in the registry")
@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", default="adapters", type=Path, help="the registry folder (default: adapters)")
     parser.add_argument("--base", help="the base the adapter was trained on (default: the default base)")
     parser.add_argument("--r-max", type=int, default=64, help="the largest rank accepted (default 64)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     from modeling.base import load_base  # torch loads here, after the arguments are read
     from serving.engine import Engine, EngineConfig
     from serving.engine.onnx_export import export

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from modeling.alphabet import SequenceError, normalise, within_limit
 from modeling.kinds import PER_RESIDUE, REGRESSION
-from serving.engine.config import QUANTIZE, check_quantize
+from serving.engine.config import DTYPES, QUANTIZE, check_quantize
 
 log = logging.getLogger("serving.batch")
 FORMATS = {".fasta": "fasta", ".fa": "fasta", ".faa": "fasta", ".csv": "csv", ".tsv": "tsv",
@@ -298,22 +298,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], help="NAME[@VERSION]; repeat for several")
     p.add_argument("--input", action="append", required=True, help="a file, folder or glob; repeatable")
     p.add_argument("--output", required=True, help="a folder of Parquet shards (refused if it exists)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--registry", default="adapters")
+    p.add_argument("--overwrite", action="store_true", help="replace an --output this tool wrote before")
+    p.add_argument("--registry", default="adapters", help="the registry folder (default adapters)")
     p.add_argument("--base", help="the base the adapters were trained on (default: the offline default)")
-    p.add_argument("--sequence-column", default="sequence", help="CSV/TSV/Parquet: where the sequences are")
+    p.add_argument("--sequence-column", default="sequence", help="CSV/TSV/Parquet: where the sequences are (default sequence)")
     p.add_argument("--address", help="join a running Ray cluster (auto, or ray://...) instead of starting one")
     p.add_argument("--ray-token-file", help="Ray's token (default for a local start: one made for this job)")
     p.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray (default: every core, at least one more "
                    "than the workers take)")
-    p.add_argument("--workers", type=int, default=1, help="Ray Data workers, one Engine each")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--batch-sequences", type=int, default=64, help="sequences per Ray Data batch")
+    p.add_argument("--workers", type=int, default=1, help="Ray Data workers, one Engine each (default 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (default 0)")
+    p.add_argument("--batch-sequences", type=int, default=64, help="sequences per Ray Data batch (default 64)")
     p.add_argument("--batch-residues", type=int, help="padded residues per forward pass (engine default)")
-    p.add_argument("--r-max", type=int, default=16)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: W8A8 base on CPU workers (serving/engine/int8.py)")
+    p.add_argument("--r-max", type=int, default=16, help="the largest LoRA rank accepted (default 16)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations (default float32)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE, help="int8: W8A8 base on CPU workers (default none)")
     p.add_argument("--crop", action="store_true", help="crop sequences over 1022 residues instead of failing them")
     p.add_argument("--no-sequence", action="store_true", help="write the sequence's sha256 instead of the sequence")
     p.add_argument("--residue-probabilities", action="store_true", help="per-residue tasks: per-residue probabilities")

@@ -36,7 +36,8 @@ from serving.engine.cpu_tier import CpuTier
 from serving.engine.decode import Prediction, decode
 from serving.engine.graphs import EncoderGraphs, padded_batch
 from serving.engine.head_batch import run_heads
-from serving.engine.int8 import check_quantize, quantize_linears
+from serving.engine.config import check_quantize
+from serving.engine.int8 import quantize_linears
 from serving.engine.merged import merged_encoder
 from serving.engine.multilora import SlotContext, wrap_targets
 from serving.engine.slots import NoFreeSlot, SlotTable

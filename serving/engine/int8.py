@@ -18,8 +18,6 @@ import warnings
 import torch
 from torch import nn
 
-from serving.engine.config import QUANTIZE, check_quantize  # noqa: F401  (their home: light)
-
 
 @functools.cache
 def kernel_missing() -> str | None:

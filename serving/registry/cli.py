@@ -37,7 +37,7 @@ def limits_from(args: argparse.Namespace) -> store.ServeLimits:
                              targets=tuple(found.get("targets", defaults.targets)))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving.registry", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,10 +54,14 @@ def main(argv: list[str] | None = None) -> int:
                         "application's args)")
     p_list.add_argument("--json", action="store_true", help="one JSON list instead of a table")
     p_rm = sub.add_parser("remove", help="remove NAME (every version) or NAME@VERSION")
-    p_rm.add_argument("ref")
+    p_rm.add_argument("ref", help="NAME or NAME@VERSION")
     for p in (p_push, p_list, p_rm):
         p.add_argument("--registry", default="adapters", help="the registry folder (default: adapters)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     root = Path(args.registry)
     try:
         if args.command == "push":

@@ -26,7 +26,7 @@ from modeling.base import load_base
 from serving.engine import Engine, EngineConfig, InferenceError, Prediction
 from serving.registry import AdapterNotFound, AdapterRefused, RegistryUnavailable
 from serving.serve.auth import TokenCheck, Unauthenticated
-from serving.serve.config import SERVICER, SERVICERS, ServiceConfig  # noqa: F401  (SERVICER*: for Serve configs)
+from serving.serve.config import ServiceConfig
 from serving.serve.http import HttpFront, api
 
 log = logging.getLogger("serving.serve.app")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from esm_adapters.client import TOKEN_ENV, TOKEN_FILE_ENV
 from modeling import registry as store
-from serving.engine.config import EngineConfig
+from serving.engine.config import DTYPES, QUANTIZE, EngineConfig
 
 LIMITS = store.ServeLimits()
 SERVICER = "esm_adapters.v1.adapters_pb2_grpc.add_AdapterServiceServicer_to_server"
@@ -14,37 +15,48 @@ HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
 SERVICERS = [SERVICER, HEALTH_SERVICER]
 
 
+def option(default, help: str, **kwargs):
+    """A ServiceConfig field with its help text (the `serving.serve` flag and the docs read it)."""
+    factory = kwargs.pop("factory", None)
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
 @dataclass
 class ServiceConfig:
     """Everything configurable; the Serve config's `args` and `serving.serve` flags map onto it."""
-    registry: str = "adapters"
-    base: str | None = None
-    r_max: int = LIMITS.r_max
-    max_device_adapters: int = EngineConfig.max_device_adapters
-    max_cpu_bytes: int = EngineConfig.max_cpu_bytes  # the CPU tier of verified adapters, in bytes (LRU beyond it)
-    targets: list[str] = field(default_factory=lambda: list(LIMITS.targets))
-    merged: list[str] = field(default_factory=list)
-    merge_top_k: int = 0
-    device: str = "auto"
-    dtype: str = "float32"  # or bfloat16 / float16: faster, within a stated tolerance (serving/engine/engine.py)
-    quantize: str = "none"  # or int8: a W8A8 shared encoder on CPU replicas (serving/engine/int8.py)
-    max_batch_size: int = 64
+    registry: str = option("adapters", "the registry folder every replica reads")
+    base: str | None = option(None, "the shared base: a model name (esm2_t33_650M_UR50D), a fair-esm .pt or a "
+                              "Hugging Face folder; none = the offline default base")
+    r_max: int = option(LIMITS.r_max, "the largest LoRA rank served (device slots are this wide)")
+    max_device_adapters: int = option(EngineConfig.max_device_adapters, "device slots: adapters resident at once "
+                                      "on the device")
+    max_cpu_bytes: int = option(EngineConfig.max_cpu_bytes, "the CPU tier of verified adapters, in bytes (LRU "
+                                "beyond it; 650M rank 16: ~22 MB each)")
+    targets: list[str] = option(None, "LoRA target modules served (comma-separated)", factory=lambda: list(LIMITS.targets),
+                                choices=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"))
+    merged: list[str] = option(None, "adapters always served from a merged copy (comma-separated names)", factory=list)
+    merge_top_k: int = option(0, "also serve the K busiest adapters from merged copies (the others' copies are freed)")
+    device: str = option("auto", "auto (a GPU when torch sees one), cpu, cuda or cuda:N")
+    dtype: str = option("float32", "weights and activations: bfloat16/float16 are faster, within a stated tolerance",
+                        choices=DTYPES)
+    quantize: str = option("none", "int8: a W8A8 shared encoder on CPU replicas (float32 adapters)", choices=QUANTIZE)
+    max_batch_size: int = option(64, "requests per forward pass")
     # 0: a batch is whatever queued while the previous one ran (continuous batching); a positive
     # wait only adds latency to an idle replica (bench/grpc.py: +5 ms at concurrency 1).
-    batch_wait_timeout_s: float = 0.0
-    max_batch_residues: int | None = None  # None = by device (512 on CPU, 2048 int8 on CPU, 65536 on GPU)
-    max_sequences_per_request: int = 256
-    # Residues per call: Predict's sequences, Annotate's sequences x adapters, Embed's sequences.
-    max_residues_per_request: int = 262144
-    # Embed's per-residue output: floats per call (length x dim summed over the sequences); the
-    # default is ~256 MB of response.
-    max_embed_values: int = 64 * 2**20
-    request_timeout_s: float = 60.0  # a call not answered by then gets DEADLINE_EXCEEDED
-    registry_poll_s: float = 0.5
-    torch_threads: int | None = None  # None = Ray's default (the replica's num_cpus); 0 = every core
-    # Bearer-token auth on every RPC; None = $ESM_ADAPTERS_AUTH_TOKEN_FILE or $ESM_ADAPTERS_AUTH_TOKEN,
-    # or no auth when neither is set (serving/serve/auth.py).
-    auth_token_file: str | None = None
+    batch_wait_timeout_s: float = option(0.0, "seconds a batch waits for more requests (0: what queued meanwhile)")
+    max_batch_residues: int | None = option(None, "padded residues per forward pass (default by device: 512 on "
+                                            "CPU, 2048 int8 on CPU, 65536 on GPU)")
+    max_sequences_per_request: int = option(256, "sequences per call")
+    max_residues_per_request: int = option(262144, "residues per call: Predict's sequences, Annotate's sequences "
+                                           "x adapters, Embed's sequences")
+    max_embed_values: int = option(64 * 2**20, "Embed per_residue floats per call (~256 MB of response)")
+    request_timeout_s: float = option(60.0, "a call not answered by then gets DEADLINE_EXCEEDED")
+    registry_poll_s: float = option(0.5, "seconds between scans of the registry folder")
+    torch_threads: int | None = option(None, "torch threads of a replica (default: its CPUs; 0: every core)")
+    auth_token_file: str | None = option(None, "the bearer token every call must send (re-read when it changes); "
+                                         f"default ${TOKEN_FILE_ENV}, then ${TOKEN_ENV}")
 
     @classmethod
     def from_args(cls, args: dict) -> "ServiceConfig":
@@ -62,8 +74,7 @@ class ServiceConfig:
                 raise ValueError(f"service option {f.name}={value!r}: expected {type(default).__name__}")
             if isinstance(value, (int, float)) and value < 0:
                 raise ValueError(f"service option {f.name}={value!r}: must not be negative")
-        from serving.engine import torch_dtype
-        from serving.engine.int8 import check_quantize
+        from serving.engine.config import check_quantize, torch_dtype
         torch_dtype(args.get("dtype", cls.dtype))  # refused here, before any replica starts
         check_quantize(args.get("quantize", cls.quantize), args.get("device", cls.device), args.get("dtype", cls.dtype))
         return cls(**args)

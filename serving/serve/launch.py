@@ -1,7 +1,11 @@
-"""Start the gRPC service on an embedded single-node Ray and serve until interrupted.
+"""Start the service (gRPC and HTTP/JSON) on an embedded single-node Ray; serve until interrupted.
 
-  python -m serving.serve --registry adapters/ --grpc-port 9000 --metrics-port 9100
+  python -m serving.serve --registry adapters/ [--grpc-port 9000] [--http-port 8000] [--metrics-port 9100]
 
+Every call needs a bearer token: yours (--auth-token-file, $ESM_ADAPTERS_AUTH_TOKEN_FILE or
+$ESM_ADAPTERS_AUTH_TOKEN), else one made once and kept in ~/.config/esm-adapters/token, where the
+clients on this machine find it; --no-auth opens the ports to anyone who reaches them. HTTP and
+metrics listen on loopback unless --http-host / --metrics-host say otherwise.
 Prometheus text (our series and Ray Serve's) is on http://HOST:METRICS_PORT/metrics.
 On an existing Ray cluster use `serve deploy serving/serve/serve_config.yaml` instead: same app.
 """
@@ -11,14 +15,17 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
 import tempfile
-from dataclasses import fields
+from dataclasses import MISSING, fields
+from pathlib import Path
 
 import yaml
 
 from serving.serve import tls_front
 from serving.serve.config import SERVICERS, ServiceConfig
+from esm_adapters.client import DEFAULT_TOKEN_FILE, TOKEN_FILE_ENV
 from serving.serve.auth import TokenCheck
 from modeling import ray_auth
 from serving.serve.metrics_front import MetricsFront
@@ -29,14 +36,19 @@ APP_NAME = "esm-adapters"
 
 
 def add_service_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServiceConfig field, its help and default from the field."""
+    group = parser.add_argument_group("service options (the Serve config's args, the chart's service.*)")
     for f in fields(ServiceConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        shown = ",".join(default) if isinstance(default, list) else default
+        about = f.metadata["help"] + (f" (default {shown})" if shown not in (None, "", []) else "")
         if f.name in ("targets", "merged"):
-            parser.add_argument(flag, help=f"comma-separated (default: {f.default_factory()})")
+            group.add_argument(flag, help=about + "; comma-separated")
         else:
             # Optional fields (default None) may hold numbers too: parse their values as YAML.
             parse = type(f.default) if f.default is not None else yaml.safe_load
-            parser.add_argument(flag, type=parse, default=None)
+            group.add_argument(flag, type=parse, default=None, help=about, choices=f.metadata.get("choices"))
 
 
 def service_args(ns: argparse.Namespace) -> dict:
@@ -136,52 +148,80 @@ def stop() -> None:
             _running.pop()()
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000; Ray Serve's proxy "
+                   "listens on every interface, so it always has a bearer token unless --no-auth)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/JSON port (default 8000)")
+    p.add_argument("--http-host", default="127.0.0.1", help="where the HTTP port listens (default 127.0.0.1; "
+                   "0.0.0.0 for every interface)")
+    p.add_argument("--metrics-port", type=int, default=9100, help="Prometheus text on /metrics (default 9100)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="where the metrics port listens (default "
+                   "127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--no-auth", action="store_true", help="serve without a bearer token: anyone who reaches "
+                   "the ports may call them (default: the token of --auth-token-file or the environment, else "
+                   f"one made once and kept in {DEFAULT_TOKEN_FILE})")
+    p.add_argument("--ray-token-file", help=f"Ray's own token (default ${ray_auth.TOKEN_FILE_ENV}, else one "
+                   "made for this start); not the bearer token of the calls")
+    p.add_argument("--replicas", type=int, default=1, help="replicas, each one base on its device (default 1)")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
+    p.add_argument("--access-log", action="store_true", help="log every request (Ray Serve access log; off)")
+    p.add_argument("--max-queued-requests", type=int, default=1024, help="requests the proxy queues before "
+                   "answering RESOURCE_EXHAUSTED (default 1024; -1: no limit)")
+    p.add_argument("--tls-port", type=int, help="also serve gRPC over TLS here (serving.serve.tls_front), with:")
+    p.add_argument("--tls-cert", help="PEM certificate chain for --tls-port")
+    p.add_argument("--tls-key", help="PEM private key for --tls-port")
+    add_service_flags(p)
+    return p
+
+
+def bearer_token(args: dict, no_auth: bool, made: str = DEFAULT_TOKEN_FILE) -> tuple[dict, str | None, str]:
+    """(service args, the token calls must send or None, what to tell the operator). A door that
+    answers requests has a credential unless the operator opens it explicitly: without a token of
+    their own (a file or the environment), one is made once and kept private in `made`
+    (DEFAULT_TOKEN_FILE, where the clients on this machine find it)."""
+    if no_auth:
+        return args, None, "no bearer token (--no-auth): anyone who reaches the ports may call them"
+    auth = TokenCheck(args.get("auth_token_file"))  # a file named or in the environment
+    if auth.enabled:
+        return args, auth.token().decode(), "bearer-token auth on"
+    path = Path(made).expanduser()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    args = {**args, "auth_token_file": str(path)}
+    return args, TokenCheck(str(path)).token().decode(), (f"bearer-token auth on, token in {path} (the clients on this "
+                                                          f"machine read it; elsewhere: ${TOKEN_FILE_ENV})")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m serving.serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grpc-port", type=int, default=9000)
-    parser.add_argument("--metrics-port", type=int, default=9100)
-    parser.add_argument("--metrics-host", default="0.0.0.0", help="where the metrics port listens")
-    parser.add_argument("--ray-token-file", help=f"Ray's own token (default ${ray_auth.TOKEN_FILE_ENV}, else one "
-                        "made for this start); not the gRPC bearer token")
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--replica-cpus", type=float, default=1.0)
-    parser.add_argument("--replica-gpus", type=float, default=0.0)
-    parser.add_argument("--access-log", action="store_true", help="log every request (Ray Serve access log)")
-    parser.add_argument("--max-queued-requests", type=int, default=1024,
-                        help="requests the proxy queues before answering RESOURCE_EXHAUSTED (-1: no limit)")
-    parser.add_argument("--tls-port", type=int, help="also serve TLS here (serving.serve.tls_front), with:")
-    parser.add_argument("--tls-cert", help="PEM certificate chain for --tls-port")
-    parser.add_argument("--tls-key", help="PEM private key for --tls-port")
-    add_service_flags(parser)
-    ns = parser.parse_args(argv)
+    cli = parser()
+    ns = cli.parse_args(argv)
     if ns.tls_port and not (ns.tls_cert and ns.tls_key):
-        parser.error("--tls-port needs --tls-cert and --tls-key")
-    args = service_args(ns)
+        cli.error("--tls-port needs --tls-cert and --tls-key")
     try:
-        ServiceConfig.from_args(args)
-    except (TypeError, ValueError) as exc:
+        ServiceConfig.from_args(service_args(ns))
+        args, token, notice = bearer_token(service_args(ns), ns.no_auth)
+    except (TypeError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        auth = TokenCheck(args.get("auth_token_file"))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    token = auth.token().decode() if auth.enabled else None
-    log.info("starting: %s%s", json.dumps(args), " (bearer-token auth on)" if auth.enabled else "")
+    (log.warning if ns.no_auth else log.info)("starting: %s; %s", json.dumps(args), notice)
     try:
         adapters = start(args, ns.grpc_port, ns.metrics_port, ns.replicas, ns.replica_cpus, ns.replica_gpus,
-                         token=token, max_queued_requests=ns.max_queued_requests, access_log=ns.access_log,
-                         metrics_host=ns.metrics_host, ray_token_file=ns.ray_token_file)
+                         http_port=ns.http_port, token=token, max_queued_requests=ns.max_queued_requests,
+                         access_log=ns.access_log, metrics_host=ns.metrics_host, ray_token_file=ns.ray_token_file,
+                         http_host=ns.http_host)
     except (OSError, ValueError) as exc:  # a port in use, a bad token file: said plainly
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ok = sum(a.status == "ok" for a in adapters.adapters)
-    log.info("serving gRPC on 0.0.0.0:%d (reflection on), metrics on http://%s:%d/metrics; "
-             "%d adapter versions found (%d servable)", ns.grpc_port, ns.metrics_host, ns.metrics_port,
-             len(adapters.adapters), ok)
+    log.info("serving gRPC on 0.0.0.0:%d (reflection, grpc.health.v1), HTTP on http://%s:%d (/docs), metrics on "
+             "http://%s:%d/metrics; %d adapter versions found (%d servable)", ns.grpc_port, ns.http_host,
+             ns.http_port, ns.metrics_host, ns.metrics_port, len(adapters.adapters), ok)
     front = None
     try:
         if ns.tls_port:

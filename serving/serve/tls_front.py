@@ -80,10 +80,11 @@ def wait_for_termination() -> None:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving.serve.tls_front", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--listen", default="0.0.0.0:9443")
-    parser.add_argument("--target", default="127.0.0.1:9000")
-    parser.add_argument("--cert", default=os.environ.get(CERT_ENV))
-    parser.add_argument("--key", default=os.environ.get(KEY_ENV))
+    parser.add_argument("--listen", default="0.0.0.0:9443", help="HOST:PORT of TLS (default 0.0.0.0:9443)")
+    parser.add_argument("--target", default="127.0.0.1:9000", help="the plaintext gRPC service it forwards to "
+                        "(default 127.0.0.1:9000)")
+    parser.add_argument("--cert", default=os.environ.get(CERT_ENV), help=f"PEM certificate chain (default ${CERT_ENV})")
+    parser.add_argument("--key", default=os.environ.get(KEY_ENV), help=f"PEM private key (default ${KEY_ENV})")
     return parser
 
 
