@@ -33,7 +33,7 @@ CHART = ROOT / "helm" / "esm-adapters"
 KUBERNETES_VERSION = "1.37.0"
 EVERYTHING_ON = ("trainingJob.enabled=true,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,"
                  "metrics.grafanaDashboard.enabled=true,tls.enabled=true,tls.secretName=t,"
-                 "auth.enabled=true,auth.secretName=a,model.cache.existingClaim=weights,registry.existingClaim=reg")
+                 "auth.enabled=true,auth.existingSecret=a,model.cache.existingClaim=weights,registry.existingClaim=reg")
 VALUE_SETS = {
     "default": [],
     "production-gpu": ["-f", str(ROOT / "helm" / "values" / "production-gpu.yaml")],
@@ -62,8 +62,8 @@ def render(values_set: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-def only(docs: list[dict], kind: str) -> dict:
-    (doc,) = [d for d in docs if d["kind"] == kind]
+def only(docs: list[dict], kind: str, name_ends: str = "") -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_ends)]
     return doc
 
 
@@ -324,34 +324,103 @@ def admitted(policy: dict) -> dict[tuple, list | None]:
 
 def test_ray_token_auth_and_a_network_policy_by_default():
     docs = render("default")
-    secret = only(docs, "Secret")
+    secret = only(docs, "Secret", "-ray-token")
     cluster = only(docs, "RayService")["spec"]["rayClusterConfig"]
     assert cluster["authOptions"] == {"mode": "token", "secretName": secret["metadata"]["name"]}
     token = base64.b64decode(secret["data"]["auth_token"]).decode()
     assert len(token) == 64 and token.isalnum()
-    assert base64.b64decode(only(render_with(), "Secret")["data"]["auth_token"]).decode() != token  # random
+    assert base64.b64decode(only(render_with(), "Secret", "-ray-token")["data"]["auth_token"]).decode() != token
     policy = only(docs, "NetworkPolicy")
     selector = policy["spec"]["podSelector"]["matchLabels"]
     assert all(selector.items() <= labels.items() for labels in ray_pod_labels(docs))  # every Ray pod
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     rules = admitted(policy)
-    assert rules[(9000,)] is None  # the gRPC front door, from anywhere by default
+    assert rules[(9000,)] is None and rules[(8000,)] is None  # gRPC and HTTP, from anywhere (token on by default)
     assert rules[(8080,)] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     assert rules[(8265,)] == [{"namespaceSelector": {}, "podSelector": {
         "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
     assert rules[()] == [{"podSelector": {"matchLabels": selector}}]  # Ray's own ports: own pods only
-    assert set(rules) == {(9000,), (8080,), (8265,), ()}  # GCS 6379, client 10001, HTTP 8000: not from outside
+    assert set(rules) == {(9000,), (8000,), (8080,), (8265,), ()}  # GCS 6379, client 10001: not from outside
 
 
 def test_with_tls_the_front_is_the_only_public_port():
-    rules = admitted(only(render("everything-on"), "NetworkPolicy"))
+    docs = render("everything-on")
+    rules = admitted(only(docs, "NetworkPolicy"))
     assert (9443,) in rules and (9000,) not in rules
+    own = {"matchLabels": only(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]}
+    assert [peer["podSelector"]["matchLabels"].items() <= own["matchLabels"].items()
+            for peer in rules[(8000,)]] == [True]  # plaintext HTTP: inside the release only
+
+
+def test_every_call_needs_a_token_by_default():
+    docs = render("default")
+    secret = only(docs, "Secret", "-auth")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert len(token) == 48 and token.isalnum()
+    for name, spec in pod_specs(docs).items():
+        if name == "job":
+            continue
+        container = spec["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert env[TOKEN_FILE_ENV] == "/etc/esm-adapters/auth/token", name
+        assert volumes["auth"]["secret"]["secretName"] == secret["metadata"]["name"], name
+    notes = helm("install", "esm", str(CHART), "--dry-run=client", "--namespace", "proteins").stdout
+    assert "get secret esm-esm-adapters-auth" in notes and "Authorization: Bearer" in notes and ">= 1.5.1" in notes
+    opened = render_with("auth.enabled=false")
+    assert not [d for d in opened if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-auth")]
+    mine = render_with("auth.existingSecret=team-token")
+    assert not [d for d in mine if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-auth")]
+    assert {v["name"]: v for v in pod_specs(mine)["head"]["volumes"]}["auth"]["secret"]["secretName"] == "team-token"
+
+
+@pytest.mark.parametrize("service_type", ["LoadBalancer", "NodePort"])
+def test_a_public_service_or_ingress_without_auth_is_refused(service_type):
+    out = helm("template", "esm", str(CHART), "--set", f"grpcService.type={service_type},auth.enabled=false")
+    assert out.returncode != 0 and "auth" in out.stderr, out.stderr
+    assert helm("template", "esm", str(CHART), "--set", f"grpcService.type={service_type}").returncode == 0
+    out = helm("template", "esm", str(CHART), "--set", "httpIngress.enabled=true,httpIngress.tlsSecretName=x,"
+                                                       "auth.enabled=false")
+    assert out.returncode != 0 and "auth" in out.stderr
+
+
+def test_serving_containers_have_grpc_probes_as_the_kubelet_sends_them():
+    """tests/test_http.py calls the same grpc.health.v1 Check with no metadata, as a kubelet does."""
+    docs = render("default")
+    port = serve_config(docs)["grpc_options"]["port"]
+    assert "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" in \
+        serve_config(docs)["grpc_options"]["grpc_servicer_functions"]
+    for name, spec in pod_specs(docs).items():
+        if name == "job":
+            continue
+        container = spec["containers"][0]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port}, (name, probe)
+        assert container["livenessProbe"]["initialDelaySeconds"] >= 300  # a first model load takes minutes
+
+
+def test_http_through_an_ingress_with_tls():
+    docs = render_with("httpIngress.enabled=true,httpIngress.tlsSecretName=web-tls,httpIngress.host=esm.example.org")
+    ingress = only(docs, "Ingress")
+    assert ingress["spec"]["tls"] == [{"hosts": ["esm.example.org"], "secretName": "web-tls"}]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    ports = {p["name"]: p for p in only(docs, "RayService")["spec"]["serveService"]["spec"]["ports"]}
+    assert backend == {"name": "esm-esm-adapters-grpc", "port": {"name": "serve"}} and "serve" in ports
+    assert helm("template", "esm", str(CHART), "--set", "httpIngress.enabled=true").returncode != 0  # TLS required
+
+
+def test_chart_states_the_kuberay_it_needs():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["annotations"]["esm-adapters/requires"] == "kuberay-operator >= 1.5.1"
+    template = (CHART / "templates" / "rayservice.yaml").read_text()
+    assert 'lookup "apiextensions.k8s.io/v1" "CustomResourceDefinition" "" "rayservices.ray.io"' in template
 
 
 def test_network_policy_off_an_existing_ray_secret_and_ray_auth_off():
     docs = render_with("networkPolicy.enabled=false", "rayAuth.existingSecret=mine", "trainingJob.enabled=true",
                        "networkPolicy.grpcFrom[0].podSelector.matchLabels.team=proteins")
-    assert not [d for d in docs if d["kind"] in ("NetworkPolicy", "Secret")]
+    assert not [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == ["esm-esm-adapters-auth"]  # not Ray's
     assert only(docs, "RayService")["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token", "secretName": "mine"}
     env = {e["name"]: e for e in pod_specs(docs)["job"]["containers"][0]["env"]}
     assert env["RAY_AUTH_MODE"]["value"] == "token"
@@ -361,7 +430,7 @@ def test_network_policy_off_an_existing_ray_secret_and_ray_auth_off():
     assert peers == [{"podSelector": {"matchLabels": {"team": "proteins"}}}]
     off = render_with("rayAuth.enabled=false")
     assert only(off, "RayService")["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "disabled"}
-    assert not [d for d in off if d["kind"] == "Secret"]
+    assert not [d for d in off if d["kind"] == "Secret" and "ray" in d["metadata"]["name"]]
 
 
 def test_ray_jobs_run_commands_the_code_accepts_on_their_own_token_authenticated_clusters():
@@ -372,7 +441,7 @@ def test_ray_jobs_run_commands_the_code_accepts_on_their_own_token_authenticated
     docs = render("ray-jobs")
     jobs = {d["metadata"]["labels"]["esm-adapters/role"]: d for d in docs if d["kind"] == "RayJob"}
     assert set(jobs) == {"batch", "training"} and not [d for d in docs if d["kind"] == "Job"]
-    secret = only(docs, "Secret")["metadata"]["name"]
+    secret = only(docs, "Secret", "-ray-token")["metadata"]["name"]
     selector = only(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]
     for job in jobs.values():
         spec = job["spec"]

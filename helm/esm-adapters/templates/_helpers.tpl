@@ -1,3 +1,24 @@
+{{/* The Secret holding the bearer token every call sends (key auth.secretKey). */}}
+{{- define "esm.authSecret" -}}
+{{- .Values.auth.existingSecret | default (printf "%s-auth" (include "esm.fullname" .)) -}}
+{{- end -}}
+
+{{/* grpc.health.v1 on the Serve proxy's port, as the kubelet calls it (no token): SERVING once a
+replica is warm; a registry problem never fails it. Liveness waits out a long first model load. */}}
+{{- define "esm.probes" -}}
+readinessProbe:
+  grpc: {port: {{ .Values.serve.grpcPort }}}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 3
+livenessProbe:
+  grpc: {port: {{ .Values.serve.grpcPort }}}
+  initialDelaySeconds: {{ .Values.serve.livenessDelaySeconds }}
+  periodSeconds: 30
+  timeoutSeconds: 10
+  failureThreshold: 10
+{{- end -}}
+
 {{/* Names: <release>-esm-adapters unless the release already says it. */}}
 {{- define "esm.fullname" -}}
 {{- if contains .Chart.Name .Release.Name -}}
@@ -53,7 +74,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if .Values.auth.enabled }}
 - name: auth
   secret:
-    secretName: {{ .Values.auth.secretName }}
+    secretName: {{ include "esm.authSecret" . }}
     defaultMode: 0440
     items:
       - key: {{ .Values.auth.secretKey }}
