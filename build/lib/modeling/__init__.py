@@ -1,0 +1,1 @@
+"""What training and serving share: base loading, tokenisation, task heads, LoRA, bundles."""

@@ -1,0 +1,5 @@
+import sys
+
+from serving.batch.scoring import main
+
+sys.exit(main())

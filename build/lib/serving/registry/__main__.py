@@ -1,0 +1,5 @@
+import sys
+
+from serving.registry.cli import main
+
+sys.exit(main())

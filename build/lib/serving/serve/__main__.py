@@ -1,0 +1,5 @@
+import sys
+
+from serving.serve.launch import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""FLIP data -> Lightning module -> adapter bundle (python -m training.fit ...)."""
