@@ -2,14 +2,18 @@
 
 1. train a small sec_str LoRA adapter (a few minutes on 2 CPU cores; reused if already published),
    evaluate it on NEW364 and publish it into adapters/;
-2. start the gRPC service (embedded Ray Serve) on that registry;
-3. call Predict through the client CLI, print a few Prometheus lines, stop cleanly.
+2. start the service (embedded Ray Serve, gRPC and HTTP/JSON, a bearer token made for the demo) on
+   that registry;
+3. call it through the client's command line and over HTTP, print a few Prometheus lines, stop.
 """
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -23,6 +27,7 @@ REGISTRY = "adapters"
 NAME = "sec_str-r16"
 GRPC_PORT = int(os.environ.get("DEMO_GRPC_PORT", 9000))
 METRICS_PORT = int(os.environ.get("DEMO_METRICS_PORT", 9100))
+HTTP_PORT = int(os.environ.get("DEMO_HTTP_PORT", 8000))
 # Human ubiquitin and a designed three-helix bundle (alpha3D), to read the H/E/C line against.
 SEQUENCES = ["MQIFVKTLTGKTITLEVEPSDTIENVKAKIQDKEGIPPDQQRLIFAGKQLEDGRTLSDYNIQKESTLHLVLRLRGG",
              "MGSWAEFKQRLAAIKTRLQALGGSEAELAAFEKEIAAFESELQAYKGKGNPEVEALRKEAAAIRDELQAYRHN"]
@@ -48,15 +53,29 @@ def train_or_reuse() -> None:
 
 def serve_and_call() -> None:
     from serving import serve as service
-    print(f"[2/3] starting the gRPC service on 127.0.0.1:{GRPC_PORT} (metrics :{METRICS_PORT})", flush=True)
-    service.start({"registry": REGISTRY}, GRPC_PORT, METRICS_PORT, num_cpus=0.5, ray_cpus=2)
+    token_file = Path(tempfile.mkdtemp()) / "token"
+    token = secrets.token_urlsafe(24)
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    print(f"[2/3] starting the service: gRPC 127.0.0.1:{GRPC_PORT}, HTTP 127.0.0.1:{HTTP_PORT}, metrics :{METRICS_PORT}; "
+          f"bearer token in {token_file}", flush=True)
+    service.start({"registry": REGISTRY, "auth_token_file": str(token_file)}, GRPC_PORT, METRICS_PORT, num_cpus=0.5,
+                  ray_cpus=2, http_port=HTTP_PORT, token=token)
     try:
-        command = [sys.executable, "-m", "serving.client", "--target", f"127.0.0.1:{GRPC_PORT}"]
+        command = [sys.executable, "-m", "serving.client", "--target", f"127.0.0.1:{GRPC_PORT}",
+                   "--token-file", str(token_file)]
         print("[3/3] python -m serving.client list", flush=True)
         subprocess.run(command + ["list"], check=True)
         predict = ["predict", "--adapter", NAME] + [a for s in SEQUENCES for a in ("--sequence", s)]
         print(f"\n$ python -m serving.client predict --adapter {NAME} --sequence ... --sequence ...", flush=True)
         subprocess.run(command + predict, check=True)
+        body = json.dumps({"adapter": NAME, "sequences": SEQUENCES[:1]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{HTTP_PORT}/v1/predict", data=body,
+                                         headers={"Authorization": f"Bearer {token}"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        print(f"\n$ curl -s 127.0.0.1:{HTTP_PORT}/v1/predict -H 'Authorization: Bearer ...' "
+              f"-d '{{\"adapter\": \"{NAME}\", \"sequences\": [\"MQIFVKTL...\"]}}'")
+        print(f"  adapter {answer['adapter']}, labels {answer['predictions'][0]['labels'][:40]}...")
         deadline = time.monotonic() + 15  # Ray's metrics agent exports every couple of seconds
         while True:
             text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()

@@ -1,4 +1,4 @@
-"""FLIP's split zips (`--data flip:TASK[/SPLIT]`): the vendored ones, or downloaded once into a
+"""FLIP's split zips (`--data-dir flip:TASK[/SPLIT]`): the vendored ones, or downloaded once into a
 cache from FLIP's public repository at a pinned commit and checked against git's blob id there.
 
 Offline, a zip that is neither vendored nor cached fails at once, naming the file to download and

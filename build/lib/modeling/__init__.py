@@ -1,1 +1,0 @@
-"""What training and serving share: base loading, tokenisation, task heads, LoRA, bundles."""

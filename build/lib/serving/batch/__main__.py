@@ -1,5 +1,0 @@
-import sys
-
-from serving.batch.scoring import main
-
-sys.exit(main())

@@ -1,5 +1,0 @@
-import sys
-
-from serving.registry.cli import main
-
-sys.exit(main())

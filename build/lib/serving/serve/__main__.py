@@ -1,5 +1,0 @@
-import sys
-
-from serving.serve.launch import main
-
-sys.exit(main())

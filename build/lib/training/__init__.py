@@ -1,1 +1,0 @@
-"""FLIP data -> Lightning module -> adapter bundle (python -m training.fit ...)."""
