@@ -10,6 +10,7 @@ import sys
 COMMANDS = {  # command -> (module with main(argv), what it does)
     "fit": ("training.fit", "train an adapter and publish it (python -m training.fit)"),
     "evaluate": ("training.evaluate", "score an adapter on a data file (python -m training.evaluate)"),
+    "tune": ("training.tune", "search a recipe on Ray Tune, publish the best (python -m training.tune)"),
     "serve": ("serving.serve.launch", "serve every adapter over gRPC and HTTP (python -m serving.serve)"),
     "batch": ("serving.batch.scoring", "score files with adapters on Ray Data (python -m serving.batch)"),
     "registry": ("serving.registry.cli", "push, list, remove adapter versions (python -m serving.registry)"),

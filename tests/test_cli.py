@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["training.fit", "training.evaluate", "serving.serve", "serving.batch", "serving.registry",
+MODULES = ["training.fit", "training.evaluate", "training.tune", "serving.serve", "serving.batch", "serving.registry",
            "serving.client", "serving.serve.tls_front", "serving.batch.export_onnx", "esm_adapters.cli"]
 HEAVY = ("torch", "ray", "pytorch_lightning", "lightning", "peft", "transformers")
 PROBE = """
@@ -43,8 +43,8 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     from serving.batch import export_onnx, scoring
     from serving.registry import cli as registry_cli
     from serving.serve import launch, tls_front
-    from training import evaluate, fit
-    return {"fit": fit.parser(), "evaluate": evaluate.parser(), "serve": launch.parser(), "batch": scoring.parser(),
+    from training import evaluate, fit, tune
+    return {"fit": fit.parser(), "evaluate": evaluate.parser(), "tune": tune.parser(), "serve": launch.parser(), "batch": scoring.parser(),
             "registry": registry_cli.parser(), "client": client.parser(), "tls_front": tls_front.make_parser(),
             "export_onnx": export_onnx.parser()}
 
@@ -58,7 +58,7 @@ def actions(parser: argparse.ArgumentParser):
             yield action
 
 
-@pytest.mark.parametrize("name", ["fit", "evaluate", "serve", "batch", "registry", "client", "tls_front", "export_onnx"])
+@pytest.mark.parametrize("name", ["fit", "evaluate", "tune", "serve", "batch", "registry", "client", "tls_front", "export_onnx"])
 def test_every_flag_has_help_with_its_default_and_choices(name):
     for action in actions(parsers()[name]):
         assert action.help, (name, action.option_strings or action.dest)

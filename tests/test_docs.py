@@ -58,11 +58,11 @@ def parser_of(words: list[str]):
     from serving.batch import export_onnx, scoring
     from serving.registry import cli as registry_cli
     from serving.serve import launch, tls_front
-    from training import evaluate, fit
-    modules = {"training.fit": fit.parser, "training.evaluate": evaluate.parser, "serving.serve": launch.parser,
+    from training import evaluate, fit, tune
+    modules = {"training.fit": fit.parser, "training.evaluate": evaluate.parser, "training.tune": tune.parser, "serving.serve": launch.parser,
                "serving.batch": scoring.parser, "serving.registry": registry_cli.parser, "serving.client": client.parser,
                "serving.serve.tls_front": tls_front.make_parser, "serving.batch.export_onnx": export_onnx.parser}
-    commands_ = {"fit": "training.fit", "evaluate": "training.evaluate", "serve": "serving.serve",
+    commands_ = {"fit": "training.fit", "evaluate": "training.evaluate", "tune": "training.tune", "serve": "serving.serve",
                  "batch": "serving.batch", "registry": "serving.registry"}
     if words[0] == "python":
         return modules.get(words[2]), words[3:]

@@ -335,6 +335,9 @@ def _check(config: FitConfig) -> None:
     if data.modify_percent and (min(shares) < 0 or abs(sum(shares) - 1) > 1e-6):
         raise ConfigError(f"model.data mask_percent + perturb_percent + identity_percent = {sum(shares):g}: they "
                           f"split the modified residues, so they must add up to 1")
+    if config.model.head.kernel < 1 or config.model.head.kernel % 2 == 0:
+        raise ConfigError(f"model.head.kernel={config.model.head.kernel}: an odd width (the convolution keeps the "
+                          f"sequence's length)")
     if config.model.micro_batch_size < 1:
         raise ConfigError("model.micro_batch_size must be at least 1")
     if not 1 <= config.model.max_length <= 1022:

@@ -66,9 +66,10 @@ def default_of(key: str):
     return value
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(**kwargs) -> argparse.ArgumentParser:
+    """The command line (kwargs: argparse's, e.g. add_help=False to build on it: training.tune)."""
+    p = argparse.ArgumentParser(**{"prog": "python -m training.fit", "description": __doc__,
+                                   "formatter_class": argparse.RawDescriptionHelpFormatter, **kwargs})
     p.add_argument("--config", help="a yaml file, composed with its defaults list (BioNeMo's keys accepted)")
     p.add_argument("--config-path", "-cp", help="Hydra's form: the folder of --config-name (default: here)")
     p.add_argument("--config-name", "-cn", help="Hydra's form: a yaml in --config-path, without .yaml")
@@ -90,10 +91,14 @@ def parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> FitConfig | None:
     """The run's configuration from the command line (None: --list-tasks)."""
-    parser_ = parser()
-    args = parser_.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.list_tasks:
         return None
+    return load_config(args.config, overrides_of(args), args.config_path, args.config_name)
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The key=value overrides the flags and the positional overrides say, in order."""
     overrides = list(MODE_OVERRIDES[args.mode]) if args.mode else []
     for flag, key in FLAGS.items():
         value = getattr(args, flag)
@@ -106,7 +111,7 @@ def parse_args(argv: list[str]) -> FitConfig | None:
         overrides.append(f"{key}={value}")
     if args.no_publish:
         overrides.append("publish=false")
-    return load_config(args.config, overrides + args.overrides, args.config_path, args.config_name)
+    return overrides + args.overrides
 
 
 def list_tasks() -> str:

@@ -118,13 +118,13 @@ def validation_every(config: FitConfig, train_batches: int) -> tuple[int | float
     return every, 1
 
 
-def make_trainer(config: FitConfig, run_dir: Path, task, train_records: list,
-                 on_ray: bool = False) -> tuple[pl.Trainer, ModelCheckpoint]:
+def make_trainer(config: FitConfig, run_dir: Path, task, train_records: list, on_ray: bool = False,
+                 extra_callbacks: tuple = ()) -> tuple[pl.Trainer, ModelCheckpoint]:
     monitor = f"val/{task.metric}"
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=monitor,
                                  mode=task.metric_mode, save_top_k=1, save_weights_only=True,
                                  filename="best")
-    callbacks = [checkpoint, TQDMProgressBar(refresh_rate=5)]
+    callbacks = [checkpoint, TQDMProgressBar(refresh_rate=5), *extra_callbacks]
     if config.early_stopping.enabled:
         callbacks.append(EarlyStopping(monitor=monitor, mode=task.metric_mode, patience=config.early_stopping.patience,
                                        check_on_train_epoch_end=False))
@@ -263,7 +263,8 @@ def check_loss(config: FitConfig, task) -> None:
         raise ConfigError(f"model.loss_func={loss}: task {task.name} ({task.kind}) trains with {wanted}")
 
 
-def run(config: FitConfig, on_ray: bool = False) -> dict:
+def run(config: FitConfig, on_ray: bool = False, callbacks: tuple = ()) -> dict:
+    """One training run; `callbacks`: more Lightning callbacks (training.tune reports through one)."""
     if config.ray.workers and not on_ray:
         return train_on_ray(config)
     check_restore_path(config)
@@ -304,7 +305,7 @@ def run(config: FitConfig, on_ray: bool = False) -> dict:
     start = time.time()
     monitored = None
     if config.do_training:
-        trainer, checkpoint = make_trainer(config, run_dir, task, data.splits["train"], on_ray)
+        trainer, checkpoint = make_trainer(config, run_dir, task, data.splits["train"], on_ray, callbacks)
         trainer.fit(module, datamodule=data)
         if not trainer.is_global_zero:
             return {}
