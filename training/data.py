@@ -164,7 +164,13 @@ def read_flip_split(source: Path, task: Task, split: str | None = None) -> list[
 
 
 def is_flip_split(path: Path) -> bool:
-    return path.suffix == ".zip" or (path.is_dir() and (path / "sequences.fasta").exists())
+    """A FLIP split zip, or a folder of one: sequences.fasta with label files, or the split CSVs
+    (`three_vs_rest.csv`, ...; a folder of train/val/test files is the other layout)."""
+    if path.suffix == ".zip":
+        return True
+    if not path.is_dir():
+        return False
+    return (path / "sequences.fasta").exists() or (any(path.glob("*.csv")) and not _split_files(path))
 
 
 def read_file(path: Path | str, task: Task, split: str | None = None) -> list[Record]:
