@@ -11,28 +11,12 @@ import pytest
 from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from bundles import make_bundle
-from conftest import free_port, random_sequences, tiny_hf_folder
-from modeling.base import load_base
-from modeling.heads import SEQUENCE_CLASS
-from serving import client, serve as service
+from conftest import random_sequences
+from serving import client
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("http")
-    base_dir = tiny_hf_folder(root / "base")
-    base = load_base(str(base_dir))
-    registry = root / "adapters"
-    make_bundle(base, registry, "ss", rank=4, seed=1)
-    make_bundle(base, registry, "cls", rank=2, kind=SEQUENCE_CLASS, seed=2)
-    make_bundle(base, registry, "toobig", rank=32, seed=3)
-    grpc_port, http_port = free_port(), free_port()
-    service.start({"registry": str(registry), "base": str(base_dir), "r_max": 8, "max_sequences_per_request": 8,
-                   "max_residues_per_request": 20_000, "batch_wait_timeout_s": 0.05}, grpc_port, free_port(),
-                  num_cpus=0.5, ray_cpus=2, http_port=http_port)
-    yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"http://127.0.0.1:{http_port}"}
-    service.stop()
+# The same service as tests/test_service.py's (one fixture: the same adapters and limits).
+from test_service import server  # noqa: E402,F401
 
 
 def http(server, method: str, path: str, body=None, raw: bytes | None = None, headers=None):
@@ -56,9 +40,9 @@ def test_json_answers_are_the_grpc_answers(server):
     status, body = http(server, "POST", "/v1/predict", {"adapter": "ss", "sequences": sequences,
                                                         "residue_probabilities": True})
     assert status == 200
-    assert body == as_json(client.predict(server["grpc"], "ss", sequences, probabilities=True))
+    assert body == as_json(client.predict(server["target"], "ss", sequences, probabilities=True))
     status, body = http(server, "POST", "/v1/annotate", {"adapters": ["cls", "ss@1"], "sequences": sequences})
-    assert status == 200 and body == as_json(client.annotate(server["grpc"], ["cls", "ss@1"], sequences))
+    assert status == 200 and body == as_json(client.annotate(server["target"], ["cls", "ss@1"], sequences))
     status, body = http(server, "POST", "/v1/embed", {"sequences": ["MKTAYIAK"], "per_residue": True})
     assert status == 200 and body["dim"] == "32" and len(body["embeddings"][0]["residues"]) == 8 * 32
     status, body = http(server, "GET", "/v1/adapters")
@@ -81,7 +65,7 @@ def test_health_and_openapi(server):
 def test_grpc_health_as_a_kubelet_calls_it(server):
     """No metadata at all (a kubelet's gRPC probe sends none), the empty service name."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server["grpc"]))
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server["target"]))
     assert stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
     named = stub.Check(health_pb2.HealthCheckRequest(service="esm_adapters.v1.AdapterService"), timeout=30)
     assert named.status == health_pb2.HealthCheckResponse.SERVING
@@ -150,7 +134,7 @@ def test_a_json_call_and_a_grpc_call_for_one_adapter_share_a_forward_pass(server
         times, barrier = {}, threading.Barrier(2)
 
         def over_grpc():
-            with client.AdapterClient(server["grpc"]) as c:
+            with client.AdapterClient(server["target"]) as c:
                 barrier.wait()
                 _, call = c.stub.Predict.with_call(pb.PredictRequest(adapter="ss", sequences=["MKTAYIAKQR"]),
                                                    metadata=c.metadata, timeout=60)
