@@ -1,4 +1,5 @@
-"""The Ray Serve application: gRPC AdapterService over the batched multi-LoRA engine.
+"""The Ray Serve application: the gRPC AdapterService (and grpc.health.v1), with HTTP/JSON on the
+same deployment (serving/serve/http.py), over the batched multi-LoRA engine.
 
 Deploy locally with `python -m serving.serve`, or on a cluster with a Serve config whose
 import_path is `serving.serve.app:build` (see serving/serve/serve_config.yaml). One replica holds one base
