@@ -1,8 +1,11 @@
-"""bench.peer's failure paths (the benchmark itself is run by hand: minutes, and a timing)."""
+"""The benchmarks' own parts: bench.peer's failure paths, the peers' answers, the launch counts
+(the benchmarks themselves are run by hand: minutes, and timings)."""
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +70,38 @@ def test_cold_load_bench_loads_each_adapter_both_ways_and_restores_the_digest_po
     out = main(["--adapters", "2", "--layers", "2", "--width", "64", "--rank", "4"])
     assert bundle._HASHERS is pool
     assert out["cold_load_ms"]["sequential"] > 0 and out["cold_load_ms"]["overlapped"] > 0
+
+
+def test_the_hugging_face_peers_answer_as_the_engine(tiny_base_dir, tmp_path):
+    """bench.hf_peers holds the same weights: transformers' EsmModel gives our encoder's
+    representations, and peft's mixed-adapter batches give the engine's answers, so the ratios
+    against them compare speed only."""
+    import torch
+
+    from bench.hf_peers import HfPeftMixed, hf_esm
+    from bundles import make_bundle
+    from conftest import random_sequences
+    from modeling.alphabet import PAD, tokenize
+    from modeling.base import load_base
+    from modeling.heads import PER_RESIDUE, SEQUENCE_CLASS
+    from modeling.lora import LoraSpec
+    from serving.engine import Engine, EngineConfig
+
+    base, registry = load_base(str(tiny_base_dir)), tmp_path / "adapters"
+    names = [f"a{i}" for i in range(3)]
+    for i, name in enumerate(names):
+        make_bundle(base, registry, name, kind=(PER_RESIDUE, SEQUENCE_CLASS)[i % 2], spec=LoraSpec(rank=2 + i), seed=i)
+    sequences = random_sequences(9, 5, 40, seed=1)
+    requests = [(names[i % 3], s) for i, s in enumerate(sequences)]
+    tokens = tokenize(sequences)
+    with torch.no_grad():
+        theirs = hf_esm(base.encoder, "cpu", torch.float32)(input_ids=tokens, attention_mask=tokens.ne(PAD))
+        ours = base.encoder(tokens)
+    torch.testing.assert_close(theirs.last_hidden_state[tokens.ne(PAD)], ours[tokens.ne(PAD)], atol=1e-4, rtol=0)
+    peer = HfPeftMixed(hf_esm(base.encoder, "cpu", torch.float32), registry, names).outputs(requests, batch=4)
+    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8))
+    for answer, result in zip(peer, engine.predict([(n, s, True) for n, s in requests])):
+        if result.kind == PER_RESIDUE:
+            torch.testing.assert_close(answer.softmax(-1), torch.tensor(result.residue_probabilities), atol=1e-4, rtol=0)
+        else:
+            assert answer.softmax(-1).tolist() == pytest.approx(list(result.probabilities.values()), abs=1e-4)

@@ -18,6 +18,7 @@ from serving.engine.slots import SlotTable
 from serving.registry import AdapterNotFound, AdapterRefused, RegistryUnavailable
 
 ATOL = 1e-4  # stated tolerance: unmerged-batched vs merged vs peft, float32 on CPU
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 def reference(base_dir, folder, sequence):
@@ -63,6 +64,70 @@ def test_mixed_batch_matches_peft_per_adapter(tiny_base_dir, registry):
                 assert result.probabilities["abcd"[0]] == pytest.approx(float(probs[0]), abs=ATOL)
                 assert result.label == "abcd"[int(probs.argmax())]
     assert len(engine_merged.merged) == len(folders)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_batches_answer_as_padded_ones(tiny_base_dir, registry, dtype):
+    """Every output kind, mixed and merged, LoRA with and without a bias term, head-only adapters,
+    embeddings: the packed engine (real tokens only, batches bounded by real tokens) answers as
+    the padded one within float32's tolerance (bfloat16: its own rounding, 0.01)."""
+    base = load_base(str(tiny_base_dir))
+    specs = [("res", LoraSpec(rank=4), PER_RESIDUE), ("cls", LoraSpec(rank=8, alpha=8), SEQUENCE_CLASS),
+             ("reg", LoraSpec(rank=2, targets=["q_proj", "v_proj", "fc1"]), REGRESSION),
+             ("tied", LoraSpec(rank=3, tie=True, position_embedding="add"), PER_RESIDUE)]
+    for i, (name, spec, kind) in enumerate(specs):
+        make_bundle(base, registry, name, kind=kind, spec=spec, seed=i)
+    make_bundle(base, registry, "frozen", mode="frozen", kind=SEQUENCE_CLASS, seed=7)
+    names = [name for name, _, _ in specs] + ["frozen"]
+    sequences = random_sequences(40, 3, 90, seed=11)  # lengths far apart: padding is most of a batch
+    requests = [(names[i % len(names)], s, True) for i, s in enumerate(sequences)]
+    tol = ATOL if dtype == "float32" else 0.01
+    for merged in ((), ("res", "reg")):
+        answers = {}
+        for packed in (False, True):
+            engine = Engine(load_base(str(tiny_base_dir)), registry,
+                            EngineConfig(r_max=8, max_batch_size=16, max_batch_residues=600, dtype=dtype, targets=ALL_TARGETS,
+                                         merged=merged, packed=packed))
+            answers[packed] = (engine.predict(requests), engine.embed(sequences[:9]))
+            assert engine.config.packed is packed
+        (padded, padded_embed), (packed, packed_embed) = answers[False], answers[True]
+        for (name, seq, _), want, got in zip(requests, padded, packed):
+            assert not isinstance(got, Exception) and not isinstance(want, Exception), (got, want)
+            assert got.adapter == want.adapter == f"{name}@1"
+            if want.kind == PER_RESIDUE:
+                torch.testing.assert_close(torch.tensor(got.residue_probabilities),
+                                           torch.tensor(want.residue_probabilities), atol=tol, rtol=0)
+            elif want.kind == REGRESSION:
+                assert got.value == pytest.approx(want.value, abs=tol * 10)
+            else:
+                assert got.probabilities == pytest.approx(want.probabilities, abs=tol)
+        for want, got in zip(padded_embed, packed_embed):
+            torch.testing.assert_close(got, want, atol=tol * 10, rtol=tol)
+
+
+def test_a_packed_batch_is_bounded_by_real_tokens(tiny_base_dir, registry):
+    base = load_base(str(tiny_base_dir))
+    make_bundle(base, registry, "a", rank=2)
+    requests = [("a", "ACDEFGHIKL"[i:] + "M" * i) for i in range(8)] + [("a", "M" * 98)]  # 8 short rows, 1 long
+    for packed, batches in ((False, 2), (True, 1)):  # padded: 9 x 100 > 200 + 100; packed: 8 x 12 + 100
+        engine = Engine(load_base(str(tiny_base_dir)), registry,
+                        EngineConfig(r_max=4, max_batch_residues=300, packed=packed))
+        engine.predict(requests)
+        assert engine.stats["batches"] == batches
+
+
+def test_the_fused_rotary_answers_as_the_eager_one(tiny_base_dir, registry):
+    """torch.compile's rotary kernel (what a GPU engine may turn on), packed and padded, bfloat16."""
+    make_bundle(load_base(str(tiny_base_dir)), registry, "a", rank=4)
+    requests = [("a", s, True) for s in random_sequences(6, 5, 70, seed=3)]
+    for packed in (True, False):
+        config = dict(r_max=4, dtype="bfloat16", packed=packed)
+        eager = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(**config)).predict(requests)
+        fused = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(**config, fused_rotary=True))
+        assert all(layer.fused_rotary for layer in fused.encoder.layers)
+        for want, got in zip(eager, fused.predict(requests)):
+            torch.testing.assert_close(torch.tensor(got.residue_probabilities),
+                                       torch.tensor(want.residue_probabilities), atol=0.01, rtol=0)
 
 
 def test_probabilities_match_within_tolerance(tiny_base_dir, registry):

@@ -74,3 +74,28 @@ def test_loading_an_adapter_is_one_copy_whatever_the_number_of_layers():
     with Launches() as ops:
         store.load(1, packed)
     assert ops.count == 2  # the prefix copy and the zero fill
+
+
+def test_the_packed_lora_and_attention_forms_agree():
+    """The CUDA forms (padded view) and the CPU forms (per segment) of the packed LoRA term and
+    attention compute the same thing; varlen attention itself runs in the GPU check."""
+    from modeling.encoder import Packing, padded_attention, segment_attention
+    from serving.engine.multilora import lora_padded, lora_segments
+    torch.manual_seed(0)
+    lengths = [3, 17, 9, 30]
+    tokens = torch.full((4, 30), 1)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = 5
+    packing = Packing(tokens)
+    n, d_in, d_out, r = sum(lengths), 12, 20, 4
+    x, y = torch.randn(n, d_in), torch.randn(n, d_out)
+    a, bt, bias = torch.randn(4, r, d_in), torch.randn(4, r, d_out), torch.randn(4, d_out)
+    for b in (None, bias):
+        torch.testing.assert_close(lora_segments(x, y.clone(), a, bt, b, packing), lora_padded(x, y, a, bt, b, packing))
+    start = sum(lengths[:2])  # row 2's own term, computed alone
+    torch.testing.assert_close(lora_padded(x, y, a, bt, bias, packing)[start:start + 9],
+                               y[start:start + 9] + x[start:start + 9] @ a[2].T @ bt[2] + bias[2])
+    q, k, v = (torch.randn(n, 2, 8) for _ in range(3))
+    torch.testing.assert_close(segment_attention(q, k, v, packing), padded_attention(q, k, v, packing))
+    alone = torch.nn.functional.scaled_dot_product_attention(*(t[:3].transpose(0, 1) for t in (q, k, v)))
+    torch.testing.assert_close(segment_attention(q, k, v, packing)[:3], alone.transpose(0, 1))

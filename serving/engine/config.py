@@ -66,6 +66,14 @@ class EngineConfig:
     # host then queues one graph instead of thousands of kernels. CUDA only; batches are padded to
     # buckets (rows to a multiple of 8, positions to a multiple of 64).
     cuda_graphs: bool = False
+    # Run the encoder on the batch's real tokens only (modeling/encoder.py Packing): linears, norms
+    # and GELU skip the padding, attention runs per sequence; batches are bounded by real tokens.
+    # None = on on the CPU (measured: bench.engine packed_over_padded), off on CUDA until a GPU run
+    # has measured its varlen path (bench.gpu_check runs both); never with CUDA graphs (padded buckets).
+    packed: bool | None = None
+    # q and k rotated by one torch.compile'd kernel (modeling/encoder.py fused_rotate_qk); the first
+    # batch pays the compile (~20 s). Off by default: measured slower on CPU, not yet on a GPU.
+    fused_rotary: bool = False
 
     @property
     def limits(self) -> store.ServeLimits:

@@ -29,6 +29,7 @@ from modeling import bundle as bundles
 from modeling import registry as store
 from modeling.alphabet import normalise, tokenize, within_limit
 from modeling.base import Base
+from modeling.encoder import Packing
 from modeling.heads import residues
 from serving.engine.adapters import LoadedAdapter, build_adapter, refusal_kind
 from serving.engine.config import EngineConfig, torch_dtype
@@ -90,6 +91,11 @@ class Engine:
         if self.config.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device.type}")
         self.graphs = EncoderGraphs(self.context, self.slot_store.gather) if self.config.cuda_graphs else None
+        if self.config.packed is None:
+            self.config.packed = self.device.type == "cpu"
+        if self.config.cuda_graphs and (self.config.packed or self.config.fused_rotary):
+            raise ValueError("cuda_graphs replays padded shapes: not with packed or fused_rotary")
+        self.encoder.fuse_rotary(self.config.fused_rotary)
         self.rule = store.ServeRule(base.fingerprint, base.encoder.embed_dim, self.config.limits)
         if isinstance(registry, (Path, str)):
             registry = Registry(Path(registry), self.rule)
@@ -384,13 +390,17 @@ class Engine:
         encoder rows: head-only adapters asked for the same sequence share a row, see _run)."""
         batch: list[_Item] = []
         rows: set[tuple] = set()
+        tokens = 0  # real tokens of the encoder rows so far (what a packed pass computes)
         for item in sorted(items, key=lambda it: (len(it.sequence), it.sequence)):
             row = (item.sequence, item.adapter.key if item.adapter.has_lora else None)
-            padded = (len(rows | {row})) * (len(item.sequence) + 2)
-            if batch and (len(batch) >= self.config.max_batch_size or padded > self.config.max_batch_residues):
+            new_row = row not in rows
+            padded = (len(rows) + new_row) * (len(item.sequence) + 2)
+            size = tokens + new_row * (len(item.sequence) + 2) if self.config.packed else padded
+            if batch and (len(batch) >= self.config.max_batch_size or size > self.config.max_batch_residues):
                 yield batch
-                batch, rows = [], set()
+                batch, rows, tokens = [], set(), 0
             batch.append(item)
+            tokens += (row not in rows) * (len(item.sequence) + 2)
             rows.add(row)
         if batch:
             yield batch
@@ -421,7 +431,8 @@ class Engine:
                     variant = tuple(layer.use_bias for layer in self.layers.values())
                     reps = self.graphs.run(encoder, tokens, index, variant)[:len(encoded)]
                 else:
-                    reps = self.context.run(encoder, tokens, self.slot_store.gather(index) if slots else None)
+                    packing = Packing(tokens) if self.config.packed else None
+                    reps = self.context.run(encoder, tokens, self.slot_store.gather(index) if slots else None, packing)
             lengths = [len(sequence) for sequence in sequences]
             reps, mask = residues(reps, to_device(torch.tensor(lengths), self.device), max(lengths))
             self.stats["batches"] += 1
@@ -461,8 +472,9 @@ class Engine:
         for start in range(0, len(order), self.config.max_batch_size):
             idx = order[start:start + self.config.max_batch_size]
             tokens = tokenize([seqs[i] for i in idx]).to(self.device)
+            packing = Packing(tokens) if self.config.packed else None
             with self._forward:
-                reps = self.encoder(tokens).float().cpu()  # slot context None: base only
+                reps = self.context.run(self.encoder, tokens, None, packing).float().cpu()  # base only
             for row, i in enumerate(idx):
                 out[i] = reps[row, 1:len(seqs[i]) + 1]
         return out  # type: ignore[return-value]

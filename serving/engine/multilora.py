@@ -27,14 +27,16 @@ class SlotContext:
 
     def __init__(self):
         self.rows: torch.Tensor | None = None
+        self.packing = None  # modeling.encoder.Packing while a packed batch runs
 
-    def run(self, module: nn.Module, tokens: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """module(tokens) with `rows` (gathered slots; None: no adapter) as the batch's adapters."""
-        self.rows = rows
+    def run(self, module: nn.Module, tokens: torch.Tensor, rows: torch.Tensor | None, packing=None) -> torch.Tensor:
+        """module(tokens) with `rows` (gathered slots; None: no adapter) as the batch's adapters;
+        with `packing` the module runs on the packed tokens (modeling/encoder.py)."""
+        self.rows, self.packing = rows, packing
         try:
-            return module(tokens)
+            return module(tokens, packing) if packing is not None else module(tokens)
         finally:
-            self.rows = None
+            self.rows, self.packing = None, None
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,37 @@ class MultiLoraLinear(nn.Module):
         if rows is None:
             return y
         a, bt, bias = self.store.views(self.path, rows)  # (B, r, in), (B, r, out), (B, out)
+        if x.dim() == 2:  # packed tokens (N, in), sequence b the b-th segment
+            return self._packed(x, y, a, bt, bias)
         h = torch.bmm(x, a.transpose(1, 2))  # (B, T, r)
         if self.use_bias:
             y += bias.unsqueeze(1)
         # Added into y by the matmul itself: a separate delta and sum cost two more passes over the
         # activations, more than the base matmul at 650M (bench/results, H200 profile).
         return y.baddbmm_(h, bt)
+
+    def _packed(self, x, y, a, bt, bias) -> torch.Tensor:
+        """The LoRA terms of packed tokens: on CUDA one batched matmul over the padded view (no
+        SGMV kernel is carried); on CPU per segment (1.9x faster than the padded bmm at 8 rows of
+        60-480 tokens, rank 16)."""
+        lora = lora_padded if x.is_cuda else lora_segments
+        return lora(x, y, a, bt, bias if self.use_bias else None, self.context.packing)
+
+
+def lora_padded(x, y, a, bt, bias, packing) -> torch.Tensor:
+    """y + x_b A_b^T B_b^T (+ bias_b) for packed x (N, in), y (N, out); a (B, r, in), bt (B, r, out)."""
+    h = torch.bmm(packing.pad(x), a.transpose(1, 2))  # (B, T, r)
+    delta = torch.bmm(h, bt) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, bt)
+    return y + packing.unpad(delta)
+
+
+def lora_segments(x, y, a, bt, bias, packing) -> torch.Tensor:
+    """The same, a segment at a time, added into y's views."""
+    for b, (xs, ys) in enumerate(zip(packing.segments(x), packing.segments(y))):
+        ys.addmm_(xs @ a[b].T, bt[b])
+        if bias is not None:
+            ys += bias[b]
+    return y
 
 
 class SlotStore:
