@@ -156,6 +156,16 @@ class NaivePeft:
         return rates(requests, time.perf_counter() - start)
 
 
+def online_rates(engine: Engine, requests: list[tuple[str, str]], per_call: int) -> dict:
+    """Requests in arrival order, `per_call` at a time (what an online service's batcher hands over)."""
+    calls = [requests[i:i + per_call] for i in range(0, len(requests), per_call)]
+    engine.predict(requests)  # warm-up: every adapter in its slot, so no call times a cold load
+    start = time.perf_counter()
+    for call in calls:
+        engine.predict(call)
+    return rates(requests, time.perf_counter() - start)
+
+
 def cold_load_ms(engine: Engine, names: list[str]) -> dict[str, list[float]]:
     """For each adapter never seen before, in ms: `total`, disk -> verified CPU tensors (checksums
     included) -> a usable device slot; `read`, its first part (disk -> the verified, packed CPU tier)."""
@@ -289,7 +299,7 @@ def main() -> None:
         out["unmerged_1"] = throughput(engine, one)
         out["mixed_8"] = throughput(engine, [(warm64[i % 8], s) for i, s in enumerate(seqs)])
         mixed64 = [(warm64[i % 64], s) for i, s in enumerate(seqs)]
-        out["mixed_64"] = throughput(engine, mixed64)
+        out["mixed_64"] = throughput(engine, mixed64, repeats=2)  # the second pass: every adapter warm
         merged = Engine(load_base(args.base), registry, EngineConfig(**config, merged=(warm64[0],)))
         out["merged_1"] = throughput(merged, one)
         # the same with batches of 64 sequences, i.e. all 64 adapters in every single batch
@@ -302,6 +312,30 @@ def main() -> None:
         # two is what our fused attention gives, the rest batching
         out["naive_peft_64"] = NaivePeft(stock_fair_esm(base.encoder), registry, warm64).serve(mixed64, batch=64)
         out["naive_peft_64_our_encoder"] = NaivePeft(copy.deepcopy(base.encoder), registry, warm64).serve(mixed64, 64)
+        # the Hugging Face peers (bench/hf_peers.py): peft's own mixed-adapter batches on transformers'
+        # EsmModel, and EsmModel holding the merged adapter, sorted batches of 64 sequences
+        from bench.hf_peers import HfPeftMixed, hf_esm, hf_serve
+        peft_mixed = HfPeftMixed(hf_esm(base.encoder, "cpu", torch.float32), registry, warm64)
+        peft_mixed.serve(mixed64[:8], 64)  # warm-up
+        out["peft_mixed_batch_64"] = peft_mixed.serve(mixed64, 64)
+        del peft_mixed
+        merged_adapter = merged.load(warm64[0])
+        hf_merged = hf_esm(merged.merged_encoder(merged_adapter), "cpu", torch.float32)
+        hf_serve(hf_merged, merged_adapter.head, seqs[:8], 64)  # warm-up
+        out["transformers_esm_merged_1"] = hf_serve(hf_merged, merged_adapter.head, seqs, 64)
+        del hf_merged
+
+        # packing (modeling/encoder.py Packing, the CPU default) against the padded path, same
+        # sequences and cap: the sorted traffic above, and online traffic (calls of 8 sequences in
+        # arrival order, the engine's CPU cap and a cap four times larger)
+        padded = Engine(load_base(args.base), registry, EngineConfig(**config, packed=False))
+        out["mixed_64_padded"] = throughput(padded, mixed64, repeats=2)
+        arrivals = [(warm64[i % 64], s) for i, s in enumerate(sequences(args.sequences, args.seed))]
+        for cap in (512, 2048):
+            for packed in (True, False):
+                online = Engine(load_base(args.base), registry,
+                                EngineConfig(**dict(config, max_batch_residues=cap), packed=packed))
+                out[f"online_8_{'packed' if packed else 'padded'}_cap{cap}"] = online_rates(online, arrivals, 8)
         # the padded-residue cap per forward pass (the device default on CPU is 512)
         out["mixed_64_by_max_batch_residues"] = {
             cap: throughput(Engine(load_base(args.base), registry, EngineConfig(**config, max_batch_residues=cap)),
@@ -361,6 +395,11 @@ def main() -> None:
     out["mixed64_over_merged_batch64"] = ratio("mixed_64_batch64", "merged_1_batch64")
     out["mixed64_over_naive"] = ratio("mixed_64", "naive_peft_64")
     out["mixed64_over_naive_our_encoder"] = ratio("mixed_64", "naive_peft_64_our_encoder")
+    out["mixed64_over_peft_mixed_batch"] = ratio("mixed_64", "peft_mixed_batch_64")
+    out["merged_over_transformers_esm"] = ratio("merged_1", "transformers_esm_merged_1")
+    out["packed_over_padded"] = ratio("mixed_64", "mixed_64_padded")
+    for cap in (512, 2048):
+        out[f"packed_over_padded_online_cap{cap}"] = ratio(f"online_8_packed_cap{cap}", f"online_8_padded_cap{cap}")
     out["bfloat16_over_float32_mixed64"] = ratio("mixed_64_bfloat16", "mixed_64")
     out["unmerged_over_merged"] = ratio("unmerged_1", "merged_1")
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -14,20 +14,26 @@ def test_smoke_runs_every_part_and_passes(tmp_path):
     # budgets x 20: the smoke takes seconds; on a loaded machine a budget must not decide it
     report = gpu_check.main(["--smoke", "--out", str(out), "--budget-scale", "20"], watchdog=False)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report, default=str))
-    assert list(report["parts"]) == list(gpu_check.PARTS)
+    assert list(report["parts"]) == list(gpu_check.SMOKE.parts) and set(gpu_check.SMOKE.parts) == set(gpu_check.PARTS)
     for name, part in report["parts"].items():
         assert part["status"] == "pass", (name, part)
     assert report["status"] == "pass"
     correctness = report["parts"]["correctness"]
     for size in ("8M", "650M"):
-        for key in ("float32", "bfloat16", "float32_merged_vs_unmerged", "bfloat16_merged_vs_cpu", "float32_embed"):
+        for key in ("float32", "bfloat16", "float32_packed", "bfloat16_packed", "float32_merged_vs_unmerged",
+                    "bfloat16_merged_vs_cpu", "float32_embed"):
             assert correctness[size][key]["compared"] > 0 and correctness[size][key]["mismatches"] == 0
     stress = report["parts"]["stress"]
     assert stress["evictions"] > 0 and stress["requests"] > 0 and stress["wrong_answers"] == 0
     for dtype in ("float32", "bfloat16"):
         served = report["parts"]["serving_650M"][dtype]
-        assert {"merged_1", "mixed_8", "mixed_10", "naive_peft_8"} <= set(served)
+        assert {"naive_peft_8", "peft_mixed_batch_8", "transformers_esm_merged_1", "over_peft_mixed_batch",
+                "over_transformers_esm", "merged_residues_per_s", "packed_over_padded"} <= set(served)
+        for variant in ("packed", "padded"):
+            assert {"merged_1", "mixed_8", "mixed_10", "online_8_mixed_8"} <= set(served[variant])
+        assert served["packed"]["padding_fraction"] == 0 <= served["padded"]["padding_fraction"]  # smoke: 40-residue cuts
         assert 0 < served["adapter_read_ms"] <= served["adapter_load_ms"] and served["adapter_load_ms_checksums_first"] > 0
+    assert report["parts"]["serving_650M"]["flop_per_residue"] > 0
     assert report["parts"]["training"]["lora_trainable_parameters"] < report["parts"]["training"][
         "full_trainable_parameters"]
     fitted = report["parts"]["fit"]  # training.fit -> evaluate -> engine, the product's own path

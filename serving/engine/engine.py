@@ -438,6 +438,10 @@ class Engine:
             self.stats["batches"] += 1
             self.stats["sequences"] += len(chunk)
             self.stats["encoded"] += len(encoded)
+            # what the linears computed: every position of the padded batch, or its real tokens only
+            real = sum(lengths) + 2 * len(lengths)
+            self.stats["tokens"] += real
+            self.stats["positions"] += real if self.config.packed else tokens.numel()
             groups: dict[str, list[int]] = {}
             for k, it in enumerate(chunk):
                 groups.setdefault(it.adapter.key, []).append(k)
