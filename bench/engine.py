@@ -336,7 +336,7 @@ def main() -> None:
                 online = Engine(load_base(args.base), registry,
                                 EngineConfig(**dict(config, max_batch_residues=cap), packed=packed))
                 out[f"online_8_{'packed' if packed else 'padded'}_cap{cap}"] = online_rates(online, arrivals, 8)
-        # the padded-residue cap per forward pass (the device default on CPU is 512)
+        # the residue cap per forward pass (real tokens, packed; the CPU default is 2048)
         out["mixed_64_by_max_batch_residues"] = {
             cap: throughput(Engine(load_base(args.base), registry, EngineConfig(**config, max_batch_residues=cap)),
                             mixed64)["residues_per_s"] for cap in (256, 512, 1024, 2048, 4096)}

@@ -42,9 +42,10 @@ class EngineConfig:
     # memory (a 650M rank-16 adapter is ~22 MB, an 8M one ~1 MB).
     max_cpu_bytes: int = 2 * 1024**3
     max_batch_size: int = 64
-    # Padded residues per forward pass. None = by device: 512 on CPU (throughput is flat from 512
-    # up there, bench/engine.py, and shorter passes answer sooner), 2048 for int8 on CPU (its faster
-    # linears leave per-pass costs to amortise: +46% over 512, README), large on GPU.
+    # Residues per forward pass (real tokens when packed, else padded positions). None = by device:
+    # on CPU 2048 packed (bench.engine's cap sweep: +8% over 512) or int8 (its faster linears leave
+    # per-pass costs to amortise: +46% over 512), 512 padded (flat from 512 up, and shorter passes
+    # answer sooner); large on GPU.
     max_batch_residues: int | None = None
     targets: tuple[str, ...] = LIMITS.targets
     merged: tuple[str, ...] = ()  # adapter names always served from a merged copy

@@ -74,8 +74,10 @@ class Engine:
         self.device = torch.device(self.config.device)
         self.dtype = torch_dtype(self.config.dtype)
         check_quantize(self.config.quantize, self.device.type, self.config.dtype)
+        if self.config.packed is None:
+            self.config.packed = self.device.type == "cpu"
         if self.config.max_batch_residues is None:
-            cpu = 2048 if self.config.quantize == "int8" else 512
+            cpu = 2048 if self.config.quantize == "int8" or self.config.packed else 512
             self.config.max_batch_residues = cpu if self.device.type == "cpu" else 65536
         self.fingerprint = base.fingerprint
         if self.device.type == "cuda" and self.dtype == torch.float32:
@@ -91,8 +93,6 @@ class Engine:
         if self.config.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device.type}")
         self.graphs = EncoderGraphs(self.context, self.slot_store.gather) if self.config.cuda_graphs else None
-        if self.config.packed is None:
-            self.config.packed = self.device.type == "cpu"
         if self.config.cuda_graphs and (self.config.packed or self.config.fused_rotary):
             raise ValueError("cuda_graphs replays padded shapes: not with packed or fused_rotary")
         self.encoder.fuse_rotary(self.config.fused_rotary)

@@ -106,7 +106,8 @@ class AdapterServer(HttpFront):
             max_cpu_bytes=self.config.max_cpu_bytes, max_batch_size=self.config.max_batch_size,
             max_batch_residues=self.config.max_batch_residues, targets=tuple(self.config.targets),
             merged=tuple(self.config.merged), merge_top_k=self.config.merge_top_k, device=device,
-            dtype=self.config.dtype, quantize=self.config.quantize))
+            dtype=self.config.dtype, quantize=self.config.quantize, packed=self.config.packed,
+            fused_rotary=self.config.fused_rotary))
         self.metrics = ServiceMetrics()
         self.engine.batch_observers.append(self.metrics.on_batch)
         self.engine.event_observers.append(self.metrics.on_event)

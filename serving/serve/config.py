@@ -42,12 +42,16 @@ class ServiceConfig:
     dtype: str = option("float32", "weights and activations: bfloat16/float16 are faster, within a stated tolerance",
                         choices=DTYPES)
     quantize: str = option("none", "int8: a W8A8 shared encoder on CPU replicas (float32 adapters)", choices=QUANTIZE)
+    packed: bool | None = option(None, "run the encoder on each batch's real tokens only (no padding); default: "
+                                 "on for CPU replicas, off on GPUs until a GPU run has measured it")
+    fused_rotary: bool = option(False, "rotate q and k in one torch.compile'd kernel (GPU; the first batch "
+                                "pays the compile)")
     max_batch_size: int = option(64, "requests per forward pass")
     # 0: a batch is whatever queued while the previous one ran (continuous batching); a positive
     # wait only adds latency to an idle replica (bench/grpc.py: +5 ms at concurrency 1).
     batch_wait_timeout_s: float = option(0.0, "seconds a batch waits for more requests (0: what queued meanwhile)")
-    max_batch_residues: int | None = option(None, "padded residues per forward pass (default by device: 512 on "
-                                            "CPU, 2048 int8 on CPU, 65536 on GPU)")
+    max_batch_residues: int | None = option(None, "residues per forward pass, padding included unless packed (default by device: 2048 on "
+                                            "CPU, 512 for a padded CPU engine, 65536 on GPU)")
     max_sequences_per_request: int = option(256, "sequences per call")
     max_residues_per_request: int = option(262144, "residues per call: Predict's sequences, Annotate's sequences "
                                            "x adapters, Embed's sequences")

@@ -46,8 +46,8 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in ("targets", "merged"):
             group.add_argument(flag, help=about + "; comma-separated")
         else:
-            # Optional fields (default None) may hold numbers too: parse their values as YAML.
-            parse = type(f.default) if f.default is not None else yaml.safe_load
+            # Optional fields (default None) may hold numbers too, and bool("false") is True: YAML parses them.
+            parse = type(f.default) if f.default is not None and not isinstance(f.default, bool) else yaml.safe_load
             group.add_argument(flag, type=parse, default=None, help=about, choices=f.metadata.get("choices"))
 
 
