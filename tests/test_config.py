@@ -144,3 +144,23 @@ def test_nemo_schedules_as_nemo_computes_them():
     assert schedule(OptimConfig(sched=SchedConfig("constant", 0)), 50)(30) == 1.0
     with pytest.raises(ValueError, match="not both"):
         schedule(OptimConfig(sched=SchedConfig("WarmupAnnealing", 5, 0.1)), 50)
+
+
+def test_a_tasks_recipe_sets_defaults_that_the_users_yaml_and_flags_still_win_over(tmp_path):
+    task = tmp_path / "mytask.yaml"
+    task.write_text("name: mytask\nkind: regression\nrecipe:\n  trainer.max_epochs: 7\n"
+                    "  model.finetuning_optim.encoder_lr: 3.0e-4\n  model.peft.lora_tuning.target_modules: [fc1, fc2]\n")
+    config = parse_args(["--task-file", str(task)])
+    assert config.trainer.max_epochs == 7 and config.model.finetuning_optim.encoder_lr == pytest.approx(3e-4)
+    assert lora_spec(config).targets == ["fc1", "fc2"]
+    assert parse_args(["--task-file", str(task), "--max-epochs", "2"]).trainer.max_epochs == 2  # a flag wins
+    written = tmp_path / "run.yaml"
+    written.write_text(f"task_file: {task}\ntrainer: {{max_epochs: 4}}\n")
+    assert load_config(written).trainer.max_epochs == 4  # the user's yaml wins
+    assert parse_args([]).trainer.max_epochs == FitConfig().trainer.max_epochs  # sec_str declares none here
+    task.write_text("name: mytask\nkind: regression\nrecipe: {trainer.max_epoch: 7}\n")
+    with pytest.raises(ConfigError, match="the task's recipe: unknown config key 'trainer.max_epoch'"):
+        parse_args(["--task-file", str(task)])
+    task.write_text("name: mytask\nkind: regression\nrecipe: [8]\n")
+    with pytest.raises(ConfigError, match="recipe is a mapping of config keys"):
+        parse_args(["--task-file", str(task)])

@@ -100,9 +100,8 @@ def test_bionemo_task_names_of_flip_tasks_are_the_builtin_tasks():
 
 
 def test_several_targets_are_refused_with_what_to_do_instead():
-    config = load_config(None, ["model.data.target_column=[3state,resolved]", "model.data.mask_column=[resolved,null]"])
     with pytest.raises(ConfigError, match=r"one target per adapter here.*target_column: '3state'"):
-        resolve_task(config)
+        load_config(None, ["model.data.target_column=[3state,resolved]", "model.data.mask_column=[resolved,null]"])
     assert resolve_task(load_config(None, ["model.data.target_column=[3state]",
                                            "model.data.mask_column=[resolved,null]"])).mask_column == "resolved"
 

@@ -264,15 +264,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), confi
     written = compose(config_dir, config_name, []) if config_name else None  # the files alone
     notes = Notes(source=str(Path(config_dir) / f"{config_name}.yaml") if config_name else None)
     values = bionemo.translate(composed, notes, written)
-    schema = OmegaConf.structured(FitConfig)
-    for key, value in values.items():
-        _set(schema, key, value)
-    config: FitConfig = OmegaConf.to_object(schema)
+    config = _build(values)
+    if recipe := task_recipe(config):  # the task's defaults go under what the user wrote or said
+        config = _build({**{k: v for k, v in recipe.items() if k not in values}, **values}, recipe)
     config.notes = notes
     _check(config)
     for key in notes.ignored:
         log.info("config key %s cannot change what is learned here; ignored", key)
     return config
+
+
+def _build(values: dict[str, Any], recipe: dict[str, Any] | None = None) -> FitConfig:
+    schema = OmegaConf.structured(FitConfig)
+    for key, value in values.items():
+        try:
+            _set(schema, key, value)
+        except ConfigError as exc:
+            raise ConfigError(f"the task's recipe: {exc}" if recipe and key in recipe else str(exc)) from None
+    return OmegaConf.to_object(schema)
+
+
+def task_recipe(config: FitConfig) -> dict[str, Any]:
+    """The recipe the run's task declares (a task that cannot be resolved is refused here, before any work)."""
+    from training.task_config import resolve_task
+    return dict(resolve_task(config).recipe)
 
 
 def compose(config_dir: str | Path | None, config_name: str | None, overrides: list[str]):

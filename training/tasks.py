@@ -4,7 +4,9 @@ BioNeMo's `model.data.*` keys in the training yaml (training/config.py turns tho
 
 A declaration says: name, kind, where sequence / label / mask come from in a CSV, the label set
 (or nothing: then the sorted distinct labels of the training split), the metric to watch, default
-data and FLIP split, label aliases, extra coarse metrics, and whether classes are ordered.
+data and FLIP split, label aliases, extra coarse metrics, whether classes are ordered, and the
+task's training recipe: config keys and values (`trainer.max_epochs: 8`) that the user's own yaml,
+flags and overrides still win over (training/config.py applies them).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class Task:
     label_aliases: dict[str, str] = field(default_factory=dict)  # raw label -> label
     coarse: dict[str, dict[str, str]] = field(default_factory=dict)  # extra metric -> label map
     ordered: bool = False  # classes are ordered: within-one accuracy and Spearman are reported too
+    recipe: dict[str, object] = field(default_factory=dict)  # config key -> value: this task's defaults
     description: str = ""
     source: str = ""  # where it was declared, for messages
 
@@ -82,6 +85,10 @@ class Task:
         object.__setattr__(self, "label_aliases", aliases)
         if self.labels and (bad := sorted(set(aliases.values()) - set(self.labels))):
             raise TaskError(f"{where}: label_aliases map to {bad}, which are not labels {list(self.labels)}")
+        if not isinstance(self.recipe, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float, bool, list))
+                                                        for k, v in self.recipe.items()):
+            raise TaskError(f"{where}: recipe is a mapping of config keys to values, e.g. "
+                            f"{{trainer.max_epochs: 8}}; got {self.recipe!r}")
         for name, mapping in self.coarse.items():
             if missing := sorted(set(self.labels) - set(mapping)):
                 raise TaskError(f"{where}: coarse metric {name} does not map labels {missing}")
