@@ -25,7 +25,7 @@ from pathlib import Path
 
 from modeling import bundle as bundles
 from modeling.bundle import BundleError, shown
-from modeling.targets import ATTENTION_TARGETS
+from modeling.targets import ALL_TARGETS
 
 STAGING = ".staging"
 CLAIMS = ".claimed"
@@ -246,7 +246,9 @@ class ServeLimits:
     """A server's limits on what it serves; the defaults every serving entry point starts from
     (`serving.serve`, the Serve config, `registry list`)."""
     r_max: int = 16
-    targets: tuple[str, ...] = ATTENTION_TARGETS
+    # every linear layer: built-in tasks' recipes train fc1/fc2 too (gb1's, bench/results). A slot holds
+    # r_max rows of every target, so this is ~2.25x the attention-only slot (docs/serving.md).
+    targets: tuple[str, ...] = ALL_TARGETS
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from training.fit import parse_args
 from training.run import default_name, lora_spec
 from training.module import schedule
 from training.task_config import resolve_task
+from training.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_YAML = ROOT / "training" / "configs" / "downstream_sec_str_LORA.yaml"
@@ -156,8 +157,9 @@ def test_a_tasks_recipe_sets_defaults_that_the_users_yaml_and_flags_still_win_ov
     assert parse_args(["--task-file", str(task), "--max-epochs", "2"]).trainer.max_epochs == 2  # a flag wins
     written = tmp_path / "run.yaml"
     written.write_text(f"task_file: {task}\ntrainer: {{max_epochs: 4}}\n")
-    assert load_config(written).trainer.max_epochs == 4  # the user's yaml wins
-    assert parse_args([]).trainer.max_epochs == FitConfig().trainer.max_epochs  # sec_str declares none here
+    assert load_config(written).trainer.max_epochs == 4  # a yaml is a recipe of its own
+    assert load_config(written).model.finetuning_optim.encoder_lr is None
+    assert parse_args([]).trainer.max_epochs == TASKS["sec_str"].recipe["trainer.max_epochs"]  # the default task's
     task.write_text("name: mytask\nkind: regression\nrecipe: {trainer.max_epoch: 7}\n")
     with pytest.raises(ConfigError, match="the task's recipe: unknown config key 'trainer.max_epoch'"):
         parse_args(["--task-file", str(task)])

@@ -172,7 +172,8 @@ def test_refusal_reasons(tiny_base_dir, registry):
     make_bundle(base, registry, "tampered")
     (registry / "tampered" / "1" / "head.safetensors").write_bytes(b"\0" * 64)
     make_bundle(base, registry, "pickle")
-    engine = Engine(load_base(str(tiny_base_dir)), registry, EngineConfig(r_max=8))
+    attention_only = EngineConfig(r_max=8, targets=ALL_TARGETS[:4])  # the default serves fc1/fc2 too
+    engine = Engine(load_base(str(tiny_base_dir)), registry, attention_only)
     reasons = {e.name: e.reason for e in engine.registry.entries()}
     assert "exceeds this server's r_max 8" in reasons["big"]
     assert "not enabled on this server" in reasons["fc"]

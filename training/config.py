@@ -265,7 +265,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), confi
     notes = Notes(source=str(Path(config_dir) / f"{config_name}.yaml") if config_name else None)
     values = bionemo.translate(composed, notes, written)
     config = _build(values)
-    if recipe := task_recipe(config):  # the task's defaults go under what the user wrote or said
+    # The task's recipe is what `--task T` alone means; a yaml is a recipe of its own (BioNeMo's files
+    # run as BioNeMo reads them), so it applies only to runs without one, under the flags.
+    if config_name is None and (recipe := task_recipe(config)):
         config = _build({**{k: v for k, v in recipe.items() if k not in values}, **values}, recipe)
     config.notes = notes
     _check(config)

@@ -39,7 +39,7 @@ class EngineConfig:
     r_max: int = LIMITS.r_max
     max_device_adapters: int = 64
     # The CPU tier's bound: packed LoRA weights and heads of the adapters kept verified in host
-    # memory (a 650M rank-16 adapter is ~22 MB, an 8M one ~1 MB).
+    # memory (rank 16, float32, all six targets served: 650M ~49 MB an adapter, 8M ~2.2 MB).
     max_cpu_bytes: int = 2 * 1024**3
     max_batch_size: int = 64
     # Residues per forward pass (real tokens when packed, else padded positions). None = by device:

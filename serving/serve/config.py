@@ -33,7 +33,7 @@ class ServiceConfig:
     max_device_adapters: int = option(EngineConfig.max_device_adapters, "device slots: adapters resident at once "
                                       "on the device")
     max_cpu_bytes: int = option(EngineConfig.max_cpu_bytes, "the CPU tier of verified adapters, in bytes (LRU "
-                                "beyond it; 650M rank 16: ~22 MB each)")
+                                "beyond it; 650M rank 16, every target served: ~49 MB each)")
     targets: list[str] = option(None, "LoRA target modules served (comma-separated)", factory=lambda: list(LIMITS.targets),
                                 choices=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"))
     merged: list[str] = option(None, "adapters always served from a merged copy (comma-separated names)", factory=list)
