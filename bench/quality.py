@@ -3,7 +3,8 @@
   python -m bench.quality --task sec_str --recipe default [--out bench/results/]
 
 A recipe is a named list of `training.fit` flags (RECIPES below; `frozen` is the head-only baseline,
-`default` what `--task T` does with no other flag). The run publishes into a scratch registry and
+`default` what `--task T` does with no other flag: the task's own `recipe:`, recorded as task_recipe,
+which the flags override). The run publishes into a scratch registry and
 reports the validation and test scores, the time, and whether the default server would serve the
 bundle (its rank and targets within the default serve limits).
 """
@@ -20,6 +21,8 @@ ALL_LINEAR = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"
 RECIPES = {
     "frozen": ["--mode", "frozen"],
     "default": [],
+    # is the pooled head undertrained? (gb1's frozen 8M: 0.510 here, 0.818 published)
+    "frozen-head-lr1e-2": ["--mode", "frozen", "--max-epochs", "3", "--val-check-interval", "1.0", "model.finetuning_optim.lr=1e-2"],
     # the previous default: LoRA on the attention projections, one validation per epoch, 3 epochs
     "attention-r16": ["--rank", "16", "--target-modules", "q_proj,k_proj,v_proj,out_proj", "--max-epochs", "3",
                       "--val-check-interval", "1.0", "model.finetuning_optim.lr=1e-3", "early_stopping.patience=3"],
@@ -59,7 +62,8 @@ def measure(task: str, recipe: list[str], extra: list[str], workdir: Path) -> di
     lora, limits = manifest.get("lora") or {}, ServeLimits()
     servable = manifest["mode"] != "full" and lora.get("rank", 0) <= limits.r_max and \
         set(lora.get("targets") or ()) <= set(limits.targets)
-    return {"task": task, "argv": argv[8:], "metrics": manifest["metrics"], "seconds": round(seconds, 1),
+    return {"task": task, "argv": argv[8:], "task_recipe": manifest["task_spec"].get("recipe", {}),
+            "metrics": manifest["metrics"], "seconds": round(seconds, 1),
             "trainable_parameters": summary["trainable_parameters"], "mode": manifest["mode"],
             "rank": lora.get("rank"), "targets": lora.get("targets"), "served_by_default_server": servable}
 

@@ -4,6 +4,8 @@ target score and no time is asserted: those are the benchmark's, run by hand (be
 import pytest
 
 from bench.quality import RECIPES, main, measure
+from modeling.targets import ALL_TARGETS
+from training.tasks import TASKS
 
 # 60 steps of 8 sequences cropped to 128 residues; 48 validation and 48 test proteins, whole.
 # (On gb1, LoRA only overtakes the frozen head after an epoch or so: at 40-60 steps it trails it.)
@@ -16,6 +18,7 @@ def test_lora_learns_more_than_a_frozen_head_on_a_small_sec_str_run(tmp_path):
     lora = measure("sec_str", RECIPES["default"], SMALL, tmp_path / "lora")
     assert frozen["mode"] == "frozen" and lora["mode"] == "lora" and lora["served_by_default_server"]
     assert lora["trainable_parameters"] > frozen["trainable_parameters"]
+    assert lora["task_recipe"] == TASKS["sec_str"].recipe and set(lora["targets"]) == set(ALL_TARGETS)
     for split in ("val", "test"):  # measured: about +0.01 on both
         assert lora["metrics"][split]["q3"] > frozen["metrics"][split]["q3"] + 0.004, (lora, frozen)
 
