@@ -10,6 +10,7 @@ from modeling.alphabet import tokenize
 from modeling.base import load_base
 from modeling.model import load_task_model
 from training import evaluate, fit, run
+from training.config import ConfigError
 
 
 def train(tmp_path, base_dir, data, *extra):
@@ -106,3 +107,26 @@ def test_evaluate_on_a_gpu_that_is_not_there_is_a_clear_error(tmp_path, capsys):
     assert evaluate.main(["--adapter", str(tmp_path / "none"), "--data", str(tmp_path / "none.csv"),
                           "--device", "cuda"]) == 2
     assert "'cuda' asked for, but torch sees no CUDA device here" in capsys.readouterr().err
+
+
+def test_an_undefined_score_is_published_as_null_and_said(tmp_path, tiny_base_dir):
+    """Spearman over a test split whose targets are all equal is undefined (NaN): the run still
+    publishes a valid manifest, with null there, and says so (JSON has no NaN; it used to fail at
+    publish time, after the whole run)."""
+    rows = ["id,sequence,target,set,validation"]
+    for i, seq in enumerate(["MKTAYIAKQR", "MKLLVAAGGH", "MSTNPKPQRK", "MKVLAAGIVG", "MRSLLILVLC", "MADEEKLPPG"] * 4):
+        split = "test" if i >= 18 else "train"
+        rows.append(f"s{i},{seq},{1.0 if split == 'test' else i % 5},{split},{'True' if i in (1, 3, 7, 9, 12) else ''}")
+    data = tmp_path / "reg.csv"
+    data.write_text("\n".join(rows) + "\n")
+    _, summary = train(tmp_path, tiny_base_dir, data, "--task", "flat", "--kind", "regression", "--name", "flat")
+    assert summary["test_spearman"] is None and {"test.spearman", "test.pearson"} <= set(summary["undefined_metrics"])
+    assert not any(m.startswith("val.") for m in summary["undefined_metrics"]), summary
+    manifest = json.loads((tmp_path / "reg" / "flat" / "1" / "manifest.json").read_text())
+    assert manifest["metrics"]["test"]["spearman"] is None and manifest["metrics"]["val"]["spearman"] is not None
+    assert any("test.spearman" in w for w in manifest["training"]["data_warnings"])
+
+
+def test_a_non_finite_config_value_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match=r"model.finetuning_optim.lr=nan: a finite number"):
+        fit.parse_args(["model.finetuning_optim.lr=nan"])

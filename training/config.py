@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -345,6 +346,12 @@ def _type_name(kind) -> str:
 
 def _check(config: FitConfig) -> None:
     """Ranges and combinations a type cannot say."""
+    for key in VALID_KEYS:  # the manifest records the config as JSON, which has no NaN
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value}: a finite number")
     data = config.model.data
     if not 0 <= data.modify_percent < 1:
         raise ConfigError(f"model.data.modify_percent={data.modify_percent}: a share of residues in [0, 1)")

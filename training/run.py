@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict
@@ -329,10 +330,17 @@ def run(config: FitConfig, on_ray: bool = False, callbacks: tuple = ()) -> dict:
     if config.do_testing and test:
         results["test"] = score(task, test, predict(model, test, device=device), data.scale)
     model.cpu()
+    results, undefined = undefined_as_null(results)
+    if undefined:  # e.g. Spearman of a model that predicts one constant: said, and published as null
+        warnings = [*warnings, f"metrics undefined (NaN or infinite, published as null): {', '.join(undefined)}; "
+                               f"a constant prediction does this (a collapsed run: try a lower learning rate)"]
+        log.warning(warnings[-1])
+    monitored = undefined_as_null(monitored)[0] if monitored else monitored
     summary = {"task": task.name, "labels": list(task.labels), "mode": config.mode, "run_dir": str(run_dir),
                "train_seconds": round(seconds, 1), "trainable_parameters": trainable, "scored_on": str(device),
                **{f"{split}_{task.metric}": r[task.metric] for split, r in results.items()},
-               "ignored_keys": len(config.notes.ignored), "overridden_by_checkpoint": overridden}
+               "ignored_keys": len(config.notes.ignored), "overridden_by_checkpoint": overridden,
+               **({"undefined_metrics": undefined} if undefined else {})}
     if config.publish:
         staged = store.staging_dir(registry)
         try:
@@ -341,6 +349,20 @@ def run(config: FitConfig, on_ray: bool = False, callbacks: tuple = ()) -> dict:
         finally:
             store.discard(staged)  # no-op after a successful rename
     return summary
+
+
+def undefined_as_null(value, path: str = "") -> tuple:
+    """(value with every NaN/infinite float replaced by None, the dotted paths replaced): JSON, and so
+    a manifest, has no NaN, and an undefined score is not a number to rank by."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [path]
+    if isinstance(value, dict):
+        pairs = [(k, undefined_as_null(v, f"{path}.{k}" if path else str(k))) for k, v in value.items()]
+        return {k: v for k, (v, _) in pairs}, [p for _, (_, found) in pairs for p in found]
+    if isinstance(value, list):
+        items = [undefined_as_null(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [v for v, _ in items], [p for _, found in items for p in found]
+    return value, []
 
 
 def limited(records: list, limit, batch_size: int) -> list:
