@@ -7,10 +7,12 @@ from bench.quality import RECIPES, main, measure
 from modeling.targets import ALL_TARGETS
 from training.tasks import TASKS
 
-# 60 steps of 8 sequences cropped to 128 residues; 48 validation and 48 test proteins, whole.
+# 60 steps of 8 sequences cropped to 128 residues, one validation of 48 proteins, 96 test proteins
+# scored whole (score_val=false: the whole validation split once more would be 1,080 proteins).
 # (On gb1, LoRA only overtakes the frozen head after an epoch or so: at 40-60 steps it trails it.)
 SMALL = ["--max-steps", "60", "--batch-size", "8", "--val-check-interval", "60", "--max-length", "128",
-         "trainer.limit_val_batches=6", "trainer.limit_test_batches=6", "model.finetuning_optim.sched.warmup_steps=5"]
+         "trainer.limit_val_batches=6", "trainer.limit_test_batches=12", "score_val=false",
+         "model.finetuning_optim.sched.warmup_steps=5"]
 
 
 def test_lora_learns_more_than_a_frozen_head_on_a_small_sec_str_run(tmp_path):
@@ -19,8 +21,8 @@ def test_lora_learns_more_than_a_frozen_head_on_a_small_sec_str_run(tmp_path):
     assert frozen["mode"] == "frozen" and lora["mode"] == "lora" and lora["served_by_default_server"]
     assert lora["trainable_parameters"] > frozen["trainable_parameters"]
     assert lora["task_recipe"] == TASKS["sec_str"].recipe and set(lora["targets"]) == set(ALL_TARGETS)
-    for split in ("val", "test"):  # measured: about +0.01 on both
-        assert lora["metrics"][split]["q3"] > frozen["metrics"][split]["q3"] + 0.004, (lora, frozen)
+    # measured: 0.742 against 0.727
+    assert lora["metrics"]["test"]["q3"] > frozen["metrics"]["test"]["q3"] + 0.004, (lora, frozen)
 
 
 def test_an_unknown_recipe_is_refused_by_name(capsys):
