@@ -49,8 +49,9 @@ class Packing:
         self.real = real
         self.index = real.reshape(-1).nonzero().squeeze(1)  # (N,) row-major: segments in row order
         self.positions = self.index % self.width  # (N,) each token's position in its sequence
-        self.lengths: list[int] = real.sum(1).tolist()
-        self.cu_seqlens = F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)  # (rows + 1,)
+        lengths = real.sum(1)
+        self.lengths: list[int] = lengths.tolist()
+        self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (rows + 1,)
 
     @property
     def tokens(self) -> int:

@@ -5,8 +5,8 @@ BioNeMo's `model.data.*` keys in the training yaml (training/config.py turns tho
 A declaration says: name, kind, where sequence / label / mask come from in a CSV, the label set
 (or nothing: then the sorted distinct labels of the training split), the metric to watch, default
 data and FLIP split, label aliases, extra coarse metrics, whether classes are ordered, and the
-task's training recipe: config keys and values (`trainer.max_epochs: 8`) that the user's own yaml,
-flags and overrides still win over (training/config.py applies them).
+task's training recipe: config keys and values (`trainer.max_epochs: 8`) that flags and overrides
+win over and a `--config` yaml replaces (training/config.py applies them).
 """
 from __future__ import annotations
 

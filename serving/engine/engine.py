@@ -393,14 +393,13 @@ class Engine:
         tokens = 0  # real tokens of the encoder rows so far (what a packed pass computes)
         for item in sorted(items, key=lambda it: (len(it.sequence), it.sequence)):
             row = (item.sequence, item.adapter.key if item.adapter.has_lora else None)
-            new_row = row not in rows
-            padded = (len(rows) + new_row) * (len(item.sequence) + 2)
-            size = tokens + new_row * (len(item.sequence) + 2) if self.config.packed else padded
+            new_row, width = row not in rows, len(item.sequence) + 2
+            size = tokens + new_row * width if self.config.packed else (len(rows) + new_row) * width
             if batch and (len(batch) >= self.config.max_batch_size or size > self.config.max_batch_residues):
                 yield batch
-                batch, rows, tokens = [], set(), 0
+                batch, rows, tokens, new_row = [], set(), 0, True
             batch.append(item)
-            tokens += (row not in rows) * (len(item.sequence) + 2)
+            tokens += new_row * width
             rows.add(row)
         if batch:
             yield batch
